@@ -1,0 +1,72 @@
+"""`sklearn_digits`: the real handwritten digits that scikit-learn ships, as a TFDS dataset.
+
+`sklearn.datasets.load_digits()` holds 1,797 grey 8x8 images (values 0..16) of the digits 0..9. This builder
+stores them as uint8 images (value v becomes round(v * 255 / 16), so 16 -> 255) with a fixed stratified split,
+drawn once with `train_test_split(..., test_size=300, stratify=labels, random_state=0)`: 1,497 `train` and
+300 `test` examples. Examples are stored in ascending order of their index in `load_digits()` (also their
+TFDS key), so the order is the same on every machine.
+
+Everything ships with scikit-learn, so `download_and_prepare()` needs no network. Importing this module
+registers the builder with TFDS (and imports `tensorflow_datasets`); `vit_jax.data` imports it lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+NUM_TEST = 300
+SPLIT_SEED = 0
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """All 1,797 digits as (uint8 images [N, 8, 8, 1] scaled to 0..255, int64 labels [N])."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  return images, digits.target.astype(np.int64)
+
+
+def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
+  """The fixed stratified split: {'train': sorted indices (1,497), 'test': sorted indices (300)}."""
+  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+
+  train, test = train_test_split(np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
+                                 random_state=SPLIT_SEED)
+  return {"train": np.sort(train), "test": np.sort(test)}
+
+
+class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+  """The scikit-learn handwritten digits (8x8 grey images, 10 classes), prepared offline."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Stratified 1,497 / 300 train / test split with seed 0."}
+  # Read by vit_jax.data: the data ships with a Python package, so preparing it never downloads.
+  PREPARES_OFFLINE = True
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
+        }),
+        supervised_keys=("image", "label"),
+        homepage="https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html",
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
+    del dl_manager  # Nothing to download.
+    images, labels = digits_arrays()
+    return {split: self._generate_examples(images, labels, indices)
+            for split, indices in split_indices(labels).items()}
+
+  def _generate_examples(self, images: np.ndarray, labels: np.ndarray,
+                         indices: np.ndarray) -> Iterator[tuple[int, dict]]:
+    for i in indices:
+      yield int(i), {"image": images[i], "label": int(labels[i])}

@@ -1,0 +1,261 @@
+"""Where examples come from: TFDS datasets and image folders, read as ordered, sharded raw records.
+
+Dataset names:
+  * any TFDS name, optionally with a version: `cifar10`, `imagenet2012:5.1.0`, `oxford_iiit_pet`,
+    `sklearn_digits` (this package's builder for scikit-learn's digits);
+  * `imagefolder:/path/to/root` for images in `root/<split>/<class>/*.{jpg,jpeg,png,bmp,gif}` (class names
+    are the sorted union of the class folders of all splits).
+
+TFDS data is read from `data_dir` (None: TFDS's default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). A
+builder that ships its data (`sklearn_digits`) is prepared there automatically on first use; any other
+dataset that is not prepared raises ValueError saying how to prepare it, and nothing is ever downloaded.
+Under `tfds.testing.mock_data` the mocked examples are used.
+
+A source reads one shard of a split as raw records in a fixed order. Records may still hold encoded images
+(for large datasets, so that skipping records on resume costs no decoding); `Source.decode` turns a raw
+record into the example the preprocessing sees, and runs inside the pipeline's parallel map.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import difflib
+import os
+from typing import Any, Callable
+
+from vit_jax.data.tf_runtime import import_tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGEFOLDER_PREFIX = "imagefolder:"
+# Splits whose decoded images take at most this many bytes are decoded once and cached in memory.
+CACHE_MAX_BYTES = 512 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the model and the trainer need to know about a dataset."""
+  num_classes: int
+  num_examples: dict[str, int]  # split -> count (may be empty under tfds.testing.mock_data)
+  class_names: list[str] | None
+  image_shape: tuple | None  # e.g. (8, 8, 1); None entries for variable sizes
+
+
+class Source(abc.ABC):
+  """Ordered, sharded raw records of one dataset."""
+
+  info: DatasetInfo
+
+  @abc.abstractmethod
+  def read(self, split: str, shard: int, num_shards: int) -> tuple[Any, Callable | None, bool]:
+    """Shard `shard` of `num_shards` even contiguous parts of `split`, in a fixed order.
+
+    Returns (tf.data.Dataset of raw records, decode function for a raw record or None if the records are
+    already decoded, whether the records are small enough to cache in memory).
+    """
+
+  @abc.abstractmethod
+  def shard_sizes(self, split: str, num_shards: int) -> list[int]:
+    """Number of examples in each shard of `split`."""
+
+
+def count_examples(ds: Any) -> int:
+  """The cardinality of a finite tf.data.Dataset, counting its records if TF does not know it."""
+  tf = import_tf()
+  n = int(ds.cardinality())
+  if n >= 0:
+    return n
+  if n == tf.data.INFINITE_CARDINALITY:
+    raise ValueError("the dataset is infinite, so its examples cannot be counted")
+  return int(ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+class TfdsSource(Source):
+  """A TFDS builder's data, with optional `name:version`."""
+
+  def __init__(self, name: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    from vit_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import  # Registers it.
+
+    self.name = name
+    self._tfds = tfds
+    try:
+      self.builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise ValueError(_unknown_dataset_message(name, tfds)) from None
+    self._data_dir = data_dir
+    if getattr(type(self.builder), "PREPARES_OFFLINE", False) and not self.builder.is_prepared():
+      self.builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    self.info = self._make_info()
+
+  def _make_info(self) -> DatasetInfo:
+    features = self.builder.info.features
+    label = features["label"] if "label" in features else None
+    if not isinstance(label, self._tfds.features.ClassLabel):
+      raise ValueError(f"dataset {self.name!r} has no ClassLabel feature 'label' (features: "
+                       f"{sorted(features)}); vit_jax.data reads image classification datasets only")
+    image = features["image"] if "image" in features else None
+    if not isinstance(image, self._tfds.features.Image):
+      raise ValueError(f"dataset {self.name!r} has no Image feature 'image' (features: {sorted(features)})")
+    return DatasetInfo(
+        num_classes=label.num_classes,
+        num_examples={s: int(i.num_examples) for s, i in self.builder.info.splits.items()},
+        class_names=list(label.names) if label.names else None,
+        image_shape=tuple(image.shape),
+    )
+
+  def _check_split(self, split: str) -> None:
+    base = split.split("[")[0].strip()
+    known = self.info.num_examples
+    if known and base not in known:
+      raise ValueError(f"dataset {self.name!r} has no split {base!r} (in {split!r}); its splits are "
+                       f"{sorted(known)}")
+
+  def _subsplit(self, split: str, shard: int, num_shards: int) -> Any:
+    return split if num_shards == 1 else self._tfds.even_splits(split, num_shards)[shard]
+
+  def shard_sizes(self, split: str, num_shards: int) -> list[int]:
+    self._check_split(split)
+    if self.info.num_examples:
+      return [int(self.builder.info.splits[self._subsplit(split, s, num_shards)].num_examples)
+              for s in range(num_shards)]
+    # Split sizes unknown (mocked data): count the records.
+    return [count_examples(self._as_dataset(self._subsplit(split, s, num_shards), decoders=None))
+            for s in range(num_shards)]
+
+  def _as_dataset(self, subsplit: Any, decoders: Any) -> Any:
+    read_config = self._tfds.ReadConfig(try_autocache=False, add_tfds_id=False)
+    try:
+      return self.builder.as_dataset(split=subsplit, shuffle_files=False, decoders=decoders,
+                                     read_config=read_config)
+    except AssertionError as e:
+      if "could not find data" not in str(e):
+        raise
+      data_dir = os.path.dirname(os.path.dirname(self.builder.data_dir))
+      raise ValueError(
+          f"dataset {self.name!r} is not prepared in data_dir {data_dir!r}, and vit_jax never downloads "
+          f"data. Prepare it first, e.g. `tfds build {self.name.split(':')[0]} --data_dir {data_dir}` "
+          "(datasets with manual downloads, like imagenet2012, also need --manual_dir), or pass the "
+          "data_dir that holds it.") from None
+
+  def _cacheable(self, split: str) -> bool:
+    """Whether the decoded split is known to be small (then it is decoded once and cached)."""
+    shape = self.info.image_shape
+    n = self.info.num_examples.get(split.split("[")[0].strip()) if self.info.num_examples else None
+    if n is None or shape is None or any(d is None for d in shape):
+      return False
+    size = n * self.builder.info.features["image"].np_dtype.itemsize
+    for d in shape:
+      size *= d
+    return size <= CACHE_MAX_BYTES
+
+  def read(self, split: str, shard: int, num_shards: int) -> tuple[Any, Callable | None, bool]:
+    self._check_split(split)
+    subsplit = self._subsplit(split, shard, num_shards)
+    if self._cacheable(split):
+      return self._as_dataset(subsplit, decoders=None), None, True
+    image_feature = self.builder.info.features["image"]
+    ds = self._as_dataset(subsplit, decoders={"image": self._tfds.decode.SkipDecoding()})
+
+    def decode(example: dict) -> dict:
+      return {**example, "image": image_feature.decode_example(example["image"])}
+
+    return ds, decode, False
+
+
+def _unknown_dataset_message(name: str, tfds: Any) -> str:
+  base = name.split(":")[0]
+  try:
+    known = list(tfds.list_builders(with_community_datasets=False))
+  except Exception:  # pylint: disable=broad-except  # Only for the hint.
+    known = []
+  close = difflib.get_close_matches(base, known, n=5)
+  hint = f" Did you mean: {', '.join(close)}?" if close else ""
+  return (f"unknown dataset {name!r}: TFDS has no builder named {base!r}.{hint} List the known names with "
+          "`tfds.list_builders()`; for a folder of images use 'imagefolder:/path/to/root'.")
+
+
+class ImageFolderSource(Source):
+  """Images in `root/<split>/<class>/<file>`; each split's examples sorted by (class, file name)."""
+
+  def __init__(self, root: str):
+    tf = import_tf()
+    root = os.path.expanduser(root)
+    if not root or not tf.io.gfile.isdir(root):
+      raise ValueError(f"image folder {root!r} does not exist or is not a directory; expected "
+                       "'imagefolder:/path/to/root' with images in root/<split>/<class>/")
+    self.root = root
+    splits = sorted(d for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
+    splits = [d.rstrip("/") for d in splits]
+    per_split = {s: _list_class_images(tf, os.path.join(root, s)) for s in splits}
+    classes = sorted({c for files in per_split.values() for c in files})
+    if not classes:
+      raise ValueError(f"image folder {root!r} has no images in root/<split>/<class>/ with extensions "
+                       f"{', '.join(IMAGE_EXTENSIONS)}")
+    self._files: dict[str, tuple[list[str], list[int]]] = {}
+    for s, files in per_split.items():
+      paths, labels = [], []
+      for c in sorted(files):
+        paths += files[c]
+        labels += [classes.index(c)] * len(files[c])
+      if paths:
+        self._files[s] = (paths, labels)
+    self.info = DatasetInfo(num_classes=len(classes),
+                            num_examples={s: len(p) for s, (p, _) in self._files.items()},
+                            class_names=classes, image_shape=(None, None, 3))
+
+  def _split_files(self, split: str) -> tuple[list[str], list[int]]:
+    if split not in self._files:
+      raise ValueError(f"image folder {self.root!r} has no split {split!r} with images; its splits are "
+                       f"{sorted(self._files)} (slices like 'train[:10%]' are not supported here)")
+    return self._files[split]
+
+  def shard_sizes(self, split: str, num_shards: int) -> list[int]:
+    n = len(self._split_files(split)[0])
+    return [n // num_shards + (1 if s < n % num_shards else 0) for s in range(num_shards)]
+
+  def read(self, split: str, shard: int, num_shards: int) -> tuple[Any, Callable | None, bool]:
+    tf = import_tf()
+    paths, labels = self._split_files(split)
+    sizes = self.shard_sizes(split, num_shards)
+    start = sum(sizes[:shard])
+    stop = start + sizes[shard]
+    ds = tf.data.Dataset.from_tensor_slices({
+        "file_name": tf.constant(paths[start:stop], tf.string),
+        "label": tf.constant(labels[start:stop], tf.int64),
+    })
+
+    def decode(example: dict) -> dict:
+      image = tf.io.decode_image(tf.io.read_file(example["file_name"]), channels=3, expand_animations=False)
+      image.set_shape([None, None, 3])
+      return {**example, "image": image}
+
+    return ds, decode, False
+
+
+def _list_class_images(tf: Any, split_dir: str) -> dict[str, list[str]]:
+  out = {}
+  for c in tf.io.gfile.listdir(split_dir):
+    c = c.rstrip("/")
+    class_dir = os.path.join(split_dir, c)
+    if not tf.io.gfile.isdir(class_dir):
+      continue
+    out[c] = sorted(os.path.join(class_dir, f) for f in tf.io.gfile.listdir(class_dir)
+                    if f.lower().endswith(IMAGE_EXTENSIONS))
+  return out
+
+
+def open_source(dataset: str, data_dir: str | None = None) -> Source:
+  """The source for a dataset name (see the module docstring for the accepted names)."""
+  if not isinstance(dataset, str) or not dataset.strip():
+    raise ValueError(f"dataset must be a TFDS name or 'imagefolder:/path', got {dataset!r}")
+  if dataset.startswith(IMAGEFOLDER_PREFIX):
+    return ImageFolderSource(dataset[len(IMAGEFOLDER_PREFIX):])
+  return TfdsSource(dataset, data_dir)
+
+
+def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
+  """Classes, split sizes and image shape of `dataset` (preparing `sklearn_digits` if needed)."""
+  return open_source(dataset, data_dir).info

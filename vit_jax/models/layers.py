@@ -1,0 +1,126 @@
+"""Building blocks shared by every model family.
+
+Parameters carry their logical axis names as ``out_sharding`` metadata (for example
+``("embed", "mlp")``); ``vit_jax.train.sharding`` maps those names to mesh axes by config rules.
+Models are created without a mesh (``models.create`` turns eager sharding off), so the
+annotation is metadata only until the trainer places the state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+Axes = tuple[str | None, ...]
+
+lecun_normal = jax.nn.initializers.lecun_normal()
+xavier_uniform = jax.nn.initializers.xavier_uniform()
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -> nnx.Param:
+  """A float32 parameter initialised by ``init`` and annotated with logical axis names."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {tuple(shape)}")
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(axes))
+
+
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+  """GELU; exact (erf) by default as in PyTorch and timm, tanh form when ``approximate``."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+class Dense(nnx.Module):
+  """``y = x @ kernel + bias`` contracting the last ``len(in_shape)`` axes of ``x``.
+
+  ``in_shape`` and ``out_shape`` let attention keep the original ViT kernel layouts such as
+  (embed, heads, head_dim), so released checkpoints load without reshaping.
+  """
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int], *,
+               axes: Axes, rngs: nnx.Rngs, kernel_init: Initializer = lecun_normal,
+               bias_init: Initializer = zeros, use_bias: bool = True, dtype=jnp.float32):
+    self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape, axes)
+    self.bias = (param(rngs, bias_init, self.out_shape, axes[len(self.in_shape):])
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = len(self.in_shape)
+    kernel = self.kernel[...].astype(self.dtype)
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel,
+        (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32, output in ``dtype``."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs, dtype=jnp.float32,
+               use_bias: bool = True, use_scale: bool = True):
+    del rngs
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",)) if use_scale else None
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=("norm",)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None,
+            broadcast_dims: Sequence[int] = ()) -> jax.Array:
+  """Inverted dropout; a no-op unless ``train`` and ``rate > 0``."""
+  if not train or rate == 0.0:
+    return x
+  if rngs is None:
+    raise ValueError("dropout/stochastic depth in training needs `rngs` with a 'dropout' stream: "
+                     "call model(images, train=True, rngs=nnx.Rngs(dropout=key))")
+  shape = [1 if i in broadcast_dims else d for i, d in enumerate(x.shape)]
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+  """Stochastic depth: drops a residual branch per example."""
+  return dropout(x, rate, train=train, rngs=rngs, broadcast_dims=tuple(range(1, x.ndim)))
+
+
+class Mlp(nnx.Module):
+  """The transformer MLP: Dense, GELU, dropout, Dense, dropout (original ViT initialisers)."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dropout_rate: float = 0.0,
+               gelu_approximate: bool = False, dtype=jnp.float32, out_dim: int | None = None,
+               axes: tuple[str, str] = ("embed", "mlp")):
+    out_dim = out_dim or dim
+    bias_init = jax.nn.initializers.normal(stddev=1e-6)
+    self.Dense_0 = Dense(dim, hidden, axes=axes, rngs=rngs, kernel_init=xavier_uniform,
+                         bias_init=bias_init, dtype=dtype)
+    self.Dense_1 = Dense(hidden, out_dim, axes=axes[::-1], rngs=rngs, kernel_init=xavier_uniform,
+                         bias_init=bias_init, dtype=dtype)
+    self.dropout_rate = dropout_rate
+    self.gelu_approximate = gelu_approximate
+
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    x = gelu(self.Dense_0(x), self.gelu_approximate)
+    x = dropout(x, self.dropout_rate, train=train, rngs=rngs)
+    x = self.Dense_1(x)
+    return dropout(x, self.dropout_rate, train=train, rngs=rngs)

@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, sharding, the jitted step, checkpoints and the loop."""

@@ -1,0 +1,71 @@
+"""Metrics to a JSON-lines file, TensorBoard event files and a terminal progress bar.
+
+Only process 0 writes, so N processes produce one set of files and lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.tty = sys.stdout.isatty()
+    self._file = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._t0 = time.time()
+    self._last = (None, None)
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._file.flush()
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def progress(self, step: int, loss: float) -> dict[str, float]:
+    """Prints step, loss, img/s and ETA; returns the throughput figures."""
+    now = time.time()
+    last_step, last_time = self._last
+    self._last = (step, now)
+    if last_step is None or step == last_step:
+      return {}
+    img_s = (step - last_step) * self.batch_size / (now - last_time)
+    eta = (self.total_steps - step) * (now - last_time) / (step - last_step)
+    if self.enabled:
+      pct = step / self.total_steps
+      bar = "#" * int(30 * pct) + "-" * (30 - int(30 * pct))
+      line = (f"[{bar}] {step}/{self.total_steps} loss {loss:.4f} {img_s:,.0f} img/s "
+              f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+      print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+    return {"img_per_sec": img_s}
+
+  def start_clock(self, step: int) -> None:
+    self._last = (step, time.time())
+
+  def log(self, message: str) -> None:
+    if self.enabled:
+      print(("\n" if self.tty else "") + message, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      if self.tty:
+        print()
+      self._file.close()
+      self._tb.close()
