@@ -24,6 +24,8 @@ import difflib
 import os
 from typing import Any, Callable
 
+import numpy as np
+
 from vit_jax.data.tf_runtime import import_tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -146,7 +148,7 @@ class TfdsSource(Source):
     n = self.info.num_examples.get(split.split("[")[0].strip()) if self.info.num_examples else None
     if n is None or shape is None or any(d is None for d in shape):
       return False
-    size = n * self.builder.info.features["image"].np_dtype.itemsize
+    size = n * np.dtype(self.builder.info.features["image"].np_dtype).itemsize
     for d in shape:
       size *= d
     return size <= CACHE_MAX_BYTES

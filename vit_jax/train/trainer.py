@@ -43,8 +43,24 @@ class Setup:
   replicated: NamedSharding
 
   def init_state(self) -> TrainState:
-    """Creates parameters and optimizer state already sharded (never whole on one device)."""
+    """Creates parameters and optimizer state already sharded (never whole on one device).
+
+    With ``config.pretrained`` set, the parameters come from that checkpoint instead
+    (``vit_jax.checkpoints.load_pretrained`` with ``config.pretrained_options``).
+    """
+    if self.config.get("pretrained"):
+      return self._init_pretrained()
     return jax.jit(self._init, out_shardings=self.shardings)()
+
+  def _init_pretrained(self) -> TrainState:
+    from vit_jax import checkpoints
+    model = self.task.build_model(nnx.Rngs(self.config.seed))
+    checkpoints.load_pretrained(model, self.config.pretrained,
+                                **dict(self.config.get("pretrained_options") or {}))
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.shardings.params)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+    return TrainState(step=step, params=params, opt_state=opt_state)
 
   def _init(self) -> TrainState:
     model = self.task.build_model(nnx.Rngs(self.config.seed))
