@@ -1,6 +1,6 @@
 """Deterministic, exactly resumable training batches and padded evaluation batches.
 
-Sharding (see `vit_jax.data.sharding`): a split is cut into `num_shards` even contiguous shards
+Sharding (see `vit_jax.data.shards`): a split is cut into `num_shards` even contiguous shards
 (`tfds.even_splits`); process p reads a contiguous block of them and its host-local batch concatenates its
 shards' sub-batches in shard order, so the global batch depends on `num_shards` but not on the process count.
 
@@ -15,7 +15,8 @@ Only stateless random ops are used, so no TF iterator state is needed: `start_st
 from epoch e and skips `offset` raw records, with (e, offset) = divmod(k * sub_batch, shard_size), and yields
 exactly the batches an uninterrupted run yields from step k on. The checkpoint stores only the step.
 Resuming costs re-reading (and shuffling) up to one epoch's raw records of each local shard, without
-decoding or preprocessing them; a few seconds for ImageNet-sized shards, nothing for cached datasets.
+decoding or preprocessing them: at most one pass over the host's share of the encoded split on disk (for
+ImageNet on one host, reading up to its ~140 GB of records), and a fraction of a second for small datasets.
 
 Note: `tf.data.Dataset.shuffle` mixes TF's global seed into its seed, so the epoch order also depends on
 `tf.random.set_seed` (never called here): set it identically, or not at all, in runs that must match.
@@ -32,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from vit_jax.data import sharding
+from vit_jax.data import shards
 from vit_jax.data.preprocess_ops import parse_pp
 from vit_jax.data.sources import DatasetInfo, Source, dataset_info, open_source
 from vit_jax.data.tf_runtime import import_tf
@@ -42,6 +43,7 @@ __all__ = ["DatasetInfo", "dataset_info", "train_batches", "eval_batches", "num_
 _MAX_EPOCHS = 2**62  # "forever"
 # Salts separating the uses of one (seed, shard, epoch) key.
 _SHUFFLE_SALT, _AUGMENT_SALT = 0, 1
+_MAP_FN_PARALLEL_ITERATIONS = 4
 
 
 def _options(tf: Any) -> Any:
@@ -66,13 +68,9 @@ def _concat_shards(tf: Any, streams: list[Any]) -> Any:
       lambda *batches: tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *batches))
 
 
-def _check_output(example: Any, pp: str) -> None:
-  if not isinstance(example, dict):
-    raise ValueError(f"preprocessing {pp!r} must produce a dict, got {type(example).__name__}")
-
-
-def _train_shard(tf: Any, source: Source, *, split: str, shard: int, num_shards: int, size: int, pp_fn: Callable,
-                 pp: str, seed: int, start_step: int, shard_batch: int, shuffle_buffer: int) -> Any:
+def _train_shard(tf: Any, source: Source, *, split: str, shard: int, num_shards: int, size: int,
+                 pp_fn: Callable, seed: int, start_step: int, shard_batch: int, shuffle_buffer: int) -> Any:
+  """One shard's infinite stream of sub-batches, from step `start_step` on."""
   raw, decode, cache = source.read(split, shard, num_shards)
   raw = raw.enumerate()  # (index within the shard, record)
   if cache:
@@ -83,22 +81,48 @@ def _train_shard(tf: Any, source: Source, *, split: str, shard: int, num_shards:
   def epoch(e):
     epoch_key = _fold_in(tf, shard_key, e)
     shuffle_seed = tf.math.floormod(_fold_in(tf, epoch_key, _SHUFFLE_SALT)[0], 2**31 - 1)
+    augment_key = _fold_in(tf, epoch_key, _AUGMENT_SALT)
     records = raw.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    return records.map(lambda i, record: (e, i, record))
+    return records.map(lambda i, record: (augment_key, i, record))
+
+  epoch = tf.autograph.experimental.do_not_convert(epoch)
 
   first_epoch, offset = divmod(start_step * shard_batch, size)
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
   if offset:
     ds = ds.skip(offset)  # Raw records only: nothing is decoded or preprocessed.
 
-  def process(e, i, record):
-    rng = _fold_in(tf, _fold_in(tf, _fold_in(tf, shard_key, e), _AUGMENT_SALT), i)
-    example = pp_fn(decode(record) if decode else record, rng)
-    _check_output(example, pp)
-    return example
+  @tf.autograph.experimental.do_not_convert
+  def process(augment_key, i, record):
+    return pp_fn(decode(record) if decode else record, _fold_in(tf, augment_key, i))
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(shard_batch, drop_remainder=True)
+  return _map_and_batch(tf, ds, process, shard_batch, batchwise=cache)
+
+
+def _fully_defined(tf: Any, spec: Any) -> bool:
+  return all(s.shape.is_fully_defined() for s in tf.nest.flatten(spec) if isinstance(s, tf.TensorSpec))
+
+
+def _map_and_batch(tf: Any, ds: Any, process: Callable, batch_size: int, batchwise: bool) -> Any:
+  """`ds.map(process).batch(batch_size, drop_remainder=True)`, computed batch-wise for small examples.
+
+  With `batchwise` (small cached datasets, where tf.data's per-element overhead dominates) and fixed-shape
+  records, the records are batched first and `process` runs on each example of a batch with `tf.map_fn`:
+  the same per-example function on the same inputs, so the same result, at much less overhead. Large
+  examples are mapped one by one, which keeps the memory of batches in flight small.
+  """
+  if not (batchwise and _fully_defined(tf, ds.element_spec)):
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True)
+  out_spec = ds.map(process).element_spec  # Traces `process` once to learn its output signature.
+
+  @tf.autograph.experimental.do_not_convert
+  def process_batch(*batch):
+    return tf.map_fn(lambda args: process(*args), batch, fn_output_signature=out_spec,
+                     parallel_iterations=_MAP_FN_PARALLEL_ITERATIONS)
+
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(process_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _as_numpy_iterator(ds: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -122,7 +146,7 @@ def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: i
     raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
   if shuffle_buffer < 1:
     raise ValueError(f"shuffle_buffer must be positive, got {shuffle_buffer}")
-  plan = sharding.plan_shards(batch_size, num_shards, process_index, process_count)
+  plan = shards.plan_shards(batch_size, num_shards, process_index, process_count)
   tf = import_tf()
   source = open_source(dataset, data_dir)
   pp_fn = parse_pp(pp)
@@ -133,7 +157,7 @@ def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: i
       raise ValueError(f"shard {shard} of {plan.num_shards} of {dataset!r} split {split!r} is empty; "
                        "use fewer shards or a larger split")
     streams.append(_train_shard(tf, source, split=split, shard=shard, num_shards=plan.num_shards,
-                                size=sizes[shard], pp_fn=pp_fn, pp=pp, seed=int(seed),
+                                size=sizes[shard], pp_fn=pp_fn, seed=int(seed),
                                 start_step=int(start_step), shard_batch=plan.shard_batch_size,
                                 shuffle_buffer=shuffle_buffer))
   ds = _concat_shards(tf, streams).prefetch(prefetch).with_options(_options(tf))
@@ -142,7 +166,7 @@ def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: i
 
 def _eval_plan(*, dataset: str, split: str, batch_size: int, data_dir: str | None, num_shards: int | None,
                process_index: int | None, process_count: int | None) -> tuple[Source, Any, list[int], int]:
-  plan = sharding.plan_shards(batch_size, num_shards, process_index, process_count)
+  plan = shards.plan_shards(batch_size, num_shards, process_index, process_count)
   source = open_source(dataset, data_dir)
   sizes = source.shard_sizes(split, plan.num_shards)
   num_batches = max(math.ceil(n / plan.shard_batch_size) for n in sizes)
@@ -175,15 +199,15 @@ def eval_batches(*, dataset: str, split: str, pp: str, batch_size: int, data_dir
     raw, decode, _ = source.read(split, shard, plan.num_shards)
     key = _shard_key(tf, 0, shard)
 
+    @tf.autograph.experimental.do_not_convert
     def process(i, record, decode=decode, key=key):
       example = pp_fn(decode(record) if decode else record, _fold_in(tf, key, i))
-      _check_output(example, pp)
       if "mask" in example:
         raise ValueError(f"preprocessing {pp!r} produces a 'mask' key, which eval_batches adds itself")
       return {**example, "mask": tf.constant(1.0, tf.float32)}
 
     ds = raw.enumerate().map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    padding = ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).repeat()
+    padding = ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).cache().repeat()
     ds = ds.concatenate(padding).batch(plan.shard_batch_size, drop_remainder=True).take(num_batches)
     streams.append(ds)
   ds = _concat_shards(tf, streams).prefetch(2).with_options(_options(tf))

@@ -11,7 +11,8 @@ Every op factory is registered with `@register("name")` and returns `op(example:
 a shape-[2] int32/int64 stateless seed; the composer gives the op at position i the seed
 `tf.random.experimental.stateless_fold_in(rng, i)`. Random ops use only stateless TF ops, so augmentation is
 a pure function of the example and its seed (reproducible under parallel maps and on resume). Ops that are
-not random ignore `rng`. Images live under `image` and labels under `label` unless an op's `key` says otherwise.
+not random ignore `rng`. Images live under `image` and labels under `label` unless an op's `key` says
+otherwise.
 
 Importing this module does not import TensorFlow: factories import it when a spec is parsed.
 """
@@ -117,13 +118,15 @@ def parse_pp(spec: str) -> Pp:
   if any(not t for t in texts):
     raise ValueError(f"preprocessing spec {spec!r} has an empty op (two `|` in a row, or a trailing `|`)")
   ops = [build_op(t) for t in texts]
+  tf = import_tf()
 
+  @tf.autograph.experimental.do_not_convert  # Plain graph code: nothing for autograph to convert.
   def pp(example: Example, rng: Any = None) -> Example:
-    tf = import_tf()
     rng = tf.zeros([2], tf.int64) if rng is None else tf.convert_to_tensor(rng)
     example = dict(example)
     for i, op in enumerate(ops):
-      example = op(example, tf.random.experimental.stateless_fold_in(rng, i))
+      op_rng = tf.random.experimental.stateless_fold_in(rng, tf.constant(i, rng.dtype))
+      example = op(example, op_rng)
       if not isinstance(example, dict):
         raise ValueError(f"preprocessing op {texts[i]!r} returned {type(example).__name__}, not a dict")
     return example
@@ -165,7 +168,8 @@ def _resize(tf: Any, image: Any, hw: tuple[int, int], method: str, antialias: bo
   return _cast_like(tf, out, dtype)
 
 
-_RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
+_RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian",
+                   "mitchellcubic")
 
 
 def _check_method(method: str, op: str) -> None:

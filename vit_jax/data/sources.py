@@ -86,11 +86,21 @@ class TfdsSource(Source):
       self.builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise ValueError(_unknown_dataset_message(name, tfds)) from None
-    self._data_dir = data_dir
     if getattr(type(self.builder), "PREPARES_OFFLINE", False) and not self.builder.is_prepared():
-      self.builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      self._prepare_offline(data_dir)
     self.info = self._make_info()
+
+  def _prepare_offline(self, data_dir: str | None) -> None:
+    """Prepares a builder that needs no download; another process may be preparing it at the same time."""
+    try:
+      self.builder.download_and_prepare(
+          download_config=self._tfds.download.DownloadConfig(try_download_gcs=False))
+    except Exception:  # pylint: disable=broad-except
+      # Two processes preparing into one data_dir: the second to finish cannot rename its copy into place.
+      builder = self._tfds.builder(self.name, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
+      self.builder = builder
 
   def _make_info(self) -> DatasetInfo:
     features = self.builder.info.features
@@ -109,11 +119,11 @@ class TfdsSource(Source):
     )
 
   def _check_split(self, split: str) -> None:
-    base = split.split("[")[0].strip()
     known = self.info.num_examples
-    if known and base not in known:
-      raise ValueError(f"dataset {self.name!r} has no split {base!r} (in {split!r}); its splits are "
-                       f"{sorted(known)}")
+    for base in _split_names(split):
+      if known and base not in known:
+        raise ValueError(f"dataset {self.name!r} has no split {base!r} (in {split!r}); its splits are "
+                         f"{sorted(known)}")
 
   def _subsplit(self, split: str, shard: int, num_shards: int) -> Any:
     return split if num_shards == 1 else self._tfds.even_splits(split, num_shards)[shard]
@@ -145,9 +155,10 @@ class TfdsSource(Source):
   def _cacheable(self, split: str) -> bool:
     """Whether the decoded split is known to be small (then it is decoded once and cached)."""
     shape = self.info.image_shape
-    n = self.info.num_examples.get(split.split("[")[0].strip()) if self.info.num_examples else None
-    if n is None or shape is None or any(d is None for d in shape):
+    names = _split_names(split)
+    if not all(name in self.info.num_examples for name in names) or any(d is None for d in shape):
       return False
+    n = sum(self.info.num_examples[name] for name in names)  # An upper bound for slices like 'train[:10%]'.
     size = n * np.dtype(self.builder.info.features["image"].np_dtype).itemsize
     for d in shape:
       size *= d
@@ -165,6 +176,11 @@ class TfdsSource(Source):
       return {**example, "image": image_feature.decode_example(example["image"])}
 
     return ds, decode, False
+
+
+def _split_names(split: str) -> list[str]:
+  """The split names in a TFDS split string: 'train[:90%]+validation' -> ['train', 'validation']."""
+  return [part.split("[")[0].strip() for part in split.split("+")]
 
 
 def _unknown_dataset_message(name: str, tfds: Any) -> str:
@@ -253,6 +269,7 @@ def open_source(dataset: str, data_dir: str | None = None) -> Source:
   """The source for a dataset name (see the module docstring for the accepted names)."""
   if not isinstance(dataset, str) or not dataset.strip():
     raise ValueError(f"dataset must be a TFDS name or 'imagefolder:/path', got {dataset!r}")
+  import_tf()  # Hides the GPUs from TF before anything (TFDS included) initialises its devices.
   if dataset.startswith(IMAGEFOLDER_PREFIX):
     return ImageFolderSource(dataset[len(IMAGEFOLDER_PREFIX):])
   return TfdsSource(dataset, data_dir)

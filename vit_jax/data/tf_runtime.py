@@ -10,19 +10,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-_CONFIGURED = False
+_TF = None
 
 
 def import_tf() -> Any:
   """Returns the `tensorflow` module, configured to run on CPU only."""
-  global _CONFIGURED
+  global _TF
+  if _TF is not None:
+    return _TF
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  if not _CONFIGURED:
-    try:
-      tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF's devices were already initialised by someone else; nothing to undo.
-      pass
-    _CONFIGURED = True
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF's devices were already initialised by someone else; nothing to undo.
+    pass
+  _TF = tf
   return tf

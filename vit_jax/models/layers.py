@@ -88,8 +88,8 @@ class LayerNorm(nnx.Module):
 
 def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None,
             broadcast_dims: Sequence[int] = ()) -> jax.Array:
-  """Inverted dropout; a no-op unless ``train`` and ``rate > 0``."""
-  if not train or rate == 0.0:
+  """Inverted dropout; a no-op unless ``train`` and ``rate > 0`` (``rate`` may be traced)."""
+  if not train or (isinstance(rate, (int, float)) and rate == 0.0):
     return x
   if rngs is None:
     raise ValueError("dropout/stochastic depth in training needs `rngs` with a 'dropout' stream: "

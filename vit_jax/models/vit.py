@@ -18,6 +18,7 @@ from flax import nnx
 
 from vit_jax.models import registry
 from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models.layer_stack import apply_blocks, make_blocks
 from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, dropout, lecun_normal, param, zeros
 
 CLASSIFIERS = ("token", "gap", "map")
@@ -56,6 +57,8 @@ class ViTConfig:
   gelu_approximate: bool = False
   attention: str = "xla"
   layernorm_eps: float = 1e-6
+  scan: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     if self.classifier not in CLASSIFIERS:
@@ -98,12 +101,14 @@ class EncoderBlock(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
     self.drop_path_rate = drop_path_rate
 
-  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None,
+               drop_path_rate: float | jax.Array | None = None) -> jax.Array:
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     y = self.MultiHeadDotProductAttention_1(self.LayerNorm_0(x), train=train, rngs=rngs)
     y = dropout(y, self.dropout_rate, train=train, rngs=rngs)
-    x = x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    x = x + drop_path(y, rate, train=train, rngs=rngs)
     y = self.MlpBlock_3(self.LayerNorm_2(x), train=train, rngs=rngs)
-    return x + drop_path(y, self.drop_path_rate, train=train, rngs=rngs)
+    return x + drop_path(y, rate, train=train, rngs=rngs)
 
 
 class PosEmbed(nnx.Module):
@@ -120,8 +125,10 @@ class Transformer(nnx.Module):
       self.posembed_input = PosEmbed(num_tokens, cfg.hidden_size, rngs=rngs)
     else:
       self.posembed_input = None
-    rates = np.linspace(0.0, cfg.stochastic_depth, cfg.num_layers) if cfg.num_layers > 1 else [cfg.stochastic_depth]
-    self.blocks = nnx.List([EncoderBlock(cfg, float(r), rngs=rngs) for r in rates])
+    self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, cfg.stochastic_depth, cfg.num_layers))
+    self.blocks = make_blocks(lambda r: EncoderBlock(cfg, 0.0, rngs=r), cfg.num_layers, rngs=rngs,
+                              scan=cfg.scan)
+    self.num_layers, self.remat = cfg.num_layers, cfg.remat
     self.encoder_norm = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps, rngs=rngs,
                                   dtype=DTYPES[cfg.dtype])
     self.dropout_rate = cfg.dropout_rate
@@ -130,8 +137,8 @@ class Transformer(nnx.Module):
     if self.posembed_input is not None:
       x = x + self.posembed_input.pos_embedding[...].astype(x.dtype)
     x = dropout(x, self.dropout_rate, train=train, rngs=rngs)
-    for block in self.blocks:
-      x = block(x, train=train, rngs=rngs)
+    x = apply_blocks(self.blocks, x, num_layers=self.num_layers, train=train, rngs=rngs,
+                     remat=self.remat, drop_path_rates=self.drop_path_rates)
     return self.encoder_norm(x)
 
 

@@ -30,6 +30,11 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("channels", None),
     ("norm", None),
     ("layers", None),
+    # ResNet convolutions: FSDP splits the output channels.
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    # Mixer's token-mixing MLP input/output (the number of patches).
+    ("tokens", None),
 )
 
 # Mesh presets: sizes per axis (-1 takes the remaining devices).

@@ -1,0 +1,194 @@
+"""What every benchmark script shares: timing, machine load checks, the environment, tables and JSON.
+
+CPU figures are only meaningful on an otherwise idle machine: a single busy neighbour can slow a
+multi-threaded run several-fold (PyTorch's OpenMP pool by up to 10x). ``LoadMonitor`` records the
+1-minute load average before and after a measurement and the CPU time that processes other than
+this one (and its children) used meanwhile; ``trusted`` is False when either says the machine was
+busy, and every script prints that verdict next to its figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+# The 1-minute load average before a run must be at most this (per core, from other work); the CPU
+# time used by other processes during it at most this fraction of the machine.
+MAX_LOAD_BEFORE_PER_CORE = 0.25
+MAX_FOREIGN_CPU_FRACTION = 0.05
+
+# XLA CPU flags measured to help (docs/benchmarks.md, "XLA flags"); ``apply_xla_preset`` adds them
+# to XLA_FLAGS before JAX is imported. Empty where no flag measured faster than the default.
+XLA_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "cpu": (),
+}
+
+
+def apply_xla_preset(name: str) -> None:
+  """Appends the preset's flags to ``XLA_FLAGS`` (call before importing jax)."""
+  if name not in XLA_PRESETS:
+    raise ValueError(f"XLA preset {name!r} is not one of {sorted(XLA_PRESETS)}")
+  if "jax" in sys.modules and XLA_PRESETS[name]:
+    raise RuntimeError("apply_xla_preset must run before jax is imported")
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  flags += [f for f in XLA_PRESETS[name] if f not in flags]
+  if flags:
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def load_average() -> tuple[float, float, float]:
+  with open("/proc/loadavg") as f:
+    one, five, fifteen = f.read().split()[:3]
+  return float(one), float(five), float(fifteen)
+
+
+def _busy_seconds() -> float:
+  """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq, steal) since boot."""
+  with open("/proc/stat") as f:
+    fields = [int(v) for v in f.readline().split()[1:9]]
+  user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+  """CPU seconds used by this process and its waited-for children."""
+  total = 0.0
+  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+    r = resource.getrusage(who)
+    total += r.ru_utime + r.ru_stime
+  return total
+
+
+@dataclasses.dataclass
+class LoadMonitor:
+  """``with LoadMonitor() as load: ...`` then ``load.report()``: was the machine idle meanwhile?"""
+  before: tuple[float, float, float] | None = None
+  after: tuple[float, float, float] | None = None
+  foreign_cpu_fraction: float | None = None
+  wall_s: float | None = None
+
+  def __enter__(self) -> "LoadMonitor":
+    self.before = load_average()
+    self._t0, self._busy0, self._own0 = time.monotonic(), _busy_seconds(), _own_seconds()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.wall_s = time.monotonic() - self._t0
+    foreign = (_busy_seconds() - self._busy0) - (_own_seconds() - self._own0)
+    self.foreign_cpu_fraction = max(0.0, foreign) / (self.wall_s * (os.cpu_count() or 1))
+    self.after = load_average()
+
+  @property
+  def trusted(self) -> bool:
+    cores = os.cpu_count() or 1
+    return (self.before[0] <= MAX_LOAD_BEFORE_PER_CORE * cores
+            and self.foreign_cpu_fraction <= MAX_FOREIGN_CPU_FRACTION)
+
+  def report(self) -> dict[str, Any]:
+    return {"loadavg_before": list(self.before), "loadavg_after": list(self.after),
+            "foreign_cpu_fraction": round(self.foreign_cpu_fraction, 4),
+            "wall_s": round(self.wall_s, 2), "trusted": self.trusted}
+
+  def verdict(self) -> str:
+    r = self.report()
+    text = (f"load average before {r['loadavg_before'][0]:.2f}, after {r['loadavg_after'][0]:.2f}; "
+            f"other processes used {100 * r['foreign_cpu_fraction']:.1f}% of the CPUs meanwhile")
+    if self.trusted:
+      return text + ": machine idle, figures trustworthy"
+    return (text + f": MACHINE BUSY, figures NOT trustworthy (want load before <= "
+            f"{MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1):.2f} and <= "
+            f"{100 * MAX_FOREIGN_CPU_FRACTION:.0f}% foreign CPU)")
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 10,
+               min_seconds: float = 0.0) -> list[float]:
+  """Seconds per call of ``fn`` (which must block until its work is done), after ``warmup`` calls.
+
+  Runs ``iters`` calls, or more until ``min_seconds`` have passed.
+  """
+  for _ in range(warmup):
+    fn()
+  times: list[float] = []
+  start = time.perf_counter()
+  while len(times) < iters or time.perf_counter() - start < min_seconds:
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+  """Median, min, max, 10th/90th percentiles and spread = (p90 - p10) / median of ``values``."""
+  values = sorted(values)
+  med = statistics.median(values)
+  if len(values) > 1:
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    p10, p90 = deciles[0], deciles[-1]
+  else:
+    p10 = p90 = values[0]
+  return {"median": med, "min": values[0], "max": values[-1], "p10": p10, "p90": p90,
+          "n": len(values), "spread": (p90 - p10) / med if med else 0.0}
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def environment(**extra: Any) -> dict[str, Any]:
+  """Machine, versions, flags and date, for the JSON record of a run."""
+  versions = {"python": platform.python_version()}
+  for module in ("jax", "jaxlib", "flax", "optax", "torch", "timm", "tensorflow"):
+    if module in sys.modules:
+      versions[module] = getattr(sys.modules[module], "__version__", "?")
+  env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+         "versions": versions, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+  if "jax" in sys.modules:
+    jax = sys.modules["jax"]
+    env["devices"] = [f"{d.platform}:{d.device_kind}" for d in jax.devices()]
+  try:
+    env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, check=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  env.update(extra)
+  return env
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A Markdown table of ``rows`` (floats with 4 significant digits)."""
+  def cell(v: Any) -> str:
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+  lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def write_json(path: str | None, record: dict[str, Any]) -> None:
+  """Writes ``record`` to ``path`` (creating folders); prints where."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(record, f, indent=2)
+  print(f"wrote {path}")

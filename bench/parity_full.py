@@ -1,0 +1,110 @@
+"""Full-size parity of the hybrid, BiT, Mixer and TNT families with timm, on the same random weights.
+
+Run:    .venv/bin/python bench/parity_full.py            (all models, about 4 minutes on 2 CPU cores)
+        .venv/bin/python bench/parity_full.py mixer_b16_224 tnt_s_patch16_224
+Checks: max |logits - timm logits| in float32 at 224 px, 1000 classes, for two random images,
+after converting timm's (randomised) state dict with ``vit_jax.checkpoints.families``; for the
+hybrid R50+ViT-B/16 and Mixer-B/16 also through the original npz format written by
+``tests/original_npz.py`` (the hybrid npz read by timm's own reader too). The test suite runs
+the same checks at small sizes (tests/test_families.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import original_npz  # noqa: E402
+from timm_helpers import import_timm, randomize_, state_dict_numpy  # noqa: E402
+from vit_jax import models  # noqa: E402
+from vit_jax.checkpoints import families  # noqa: E402
+
+TIMM_NUMERICS = dict(ws_style="var", ws_eps=1e-8, gn_eps=1e-5)  # timm's hybrid StdConv2dSame/GroupNorm
+# timm name -> (our name, options that reproduce timm's numerics)
+MODELS = {
+    "vit_base_r50_s16_224": ("R50+ViT-B/16", TIMM_NUMERICS),
+    "vit_small_r26_s32_224": ("R26+ViT-S/32", TIMM_NUMERICS),
+    "vit_base_r26_s32_224": ("R26+ViT-B/32", TIMM_NUMERICS),
+    "vit_large_r50_s32_224": ("R50+ViT-L/32", TIMM_NUMERICS),
+    "vit_tiny_r_s16_p8_224": ("R+ViT-Ti/16", TIMM_NUMERICS),
+    "resnetv2_50x1_bit": ("BiT-R50x1", {}),
+    "resnetv2_101x1_bit": ("BiT-R101x1", {}),
+    "mixer_b16_224": ("Mixer-B/16", {}),
+    "mixer_b32_224": ("Mixer-B/32", {}),
+    "mixer_l16_224": ("Mixer-L/16", {}),
+    "tnt_s_patch16_224": ("TNT-S/16", {}),
+    "tnt_b_patch16_224": ("TNT-B/16", {}),
+}
+TOLERANCE = 1e-4
+
+
+def logits(model: nnx.Module, x: np.ndarray) -> np.ndarray:
+  return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+
+
+def run(timm_name: str, timm, torch) -> list[tuple[str, float]]:
+  ours_name, options = MODELS[timm_name]
+  tm = timm.create_model(timm_name, pretrained=False, num_classes=1000)
+  randomize_(tm, seed=1)
+  tm.eval()
+  sd = state_dict_numpy(tm)
+  x = np.random.RandomState(0).uniform(-1, 1, (2, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  rows = []
+  model = models.create(ours_name, num_classes=1000, **options)
+  families.load_timm(model, sd)
+  rows.append((f"{ours_name} <- timm {timm_name}", float(np.max(np.abs(logits(model, x) - ref)))))
+  if timm_name == "vit_base_r50_s16_224":
+    flat = original_npz.hybrid_npz(sd, num_heads=model.config.num_heads)
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "R50+ViT-B_16.npz")
+      np.savez(path, **flat)
+      tm2 = timm.create_model(timm_name, pretrained=False, num_classes=1000)
+      timm.models.vision_transformer._load_weights(tm2, path)
+      tm2.eval()
+      with torch.no_grad():
+        ref2 = tm2(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+      rows.append(("  timm npz reader vs timm", float(np.max(np.abs(ref2 - ref)))))
+      model2 = models.create(ours_name, num_classes=1000, **options)
+      families.load_npz(model2, path)
+      rows.append((f"  {ours_name} <- npz vs timm", float(np.max(np.abs(logits(model2, x) - ref)))))
+      model3 = models.create(ours_name, num_classes=1000)  # the original code's numerics
+      families.load_npz(model3, path)
+      rows.append((f"  {ours_name} (original WS/GN eps) <- npz vs timm [info]",
+                   float(np.max(np.abs(logits(model3, x) - ref)))))
+  if timm_name == "mixer_b16_224":
+    model2 = models.create(ours_name, num_classes=1000)
+    families.load_npz(model2, original_npz.mixer_npz(sd))
+    rows.append((f"  {ours_name} <- npz vs timm", float(np.max(np.abs(logits(model2, x) - ref)))))
+  return rows
+
+
+def main(names: list[str]) -> int:
+  timm = import_timm()
+  import torch
+  failed = 0
+  print(f"{'check':70s} {'max |diff|':>11s}  time")
+  for name in names or list(MODELS):
+    start = time.time()
+    for check, diff in run(name, timm, torch):
+      info = "[info]" in check
+      ok = info or diff <= TOLERANCE
+      failed += not ok
+      print(f"{check:70s} {diff:11.2e}  {'' if ok else 'FAIL'}")
+    print(f"{'':70s} {'':11s}  {time.time() - start:.0f}s")
+  print("all within", TOLERANCE if not failed else f"{failed} FAILED")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,65 @@
+"""Evaluate a checkpoint: python evaluate.py --config configs/NAME.py --workdir DIR [--checkpoint PATH] [--split S]
+
+Evaluates the latest checkpoint in DIR (or the checkpoint directory PATH, e.g. DIR/checkpoints/3000), prints
+top-1, top-5 and loss and writes them as JSON (DIR/eval_<split>_<step>.json, or --output).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file the checkpoint was trained with.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint step directory, e.g. DIR/checkpoints/3000.")
+_SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: in the workdir).")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vit_jax.train import checkpointing, trainer
+  if not _WORKDIR.value and not _CHECKPOINT.value:
+    raise app.UsageError("give --workdir (latest checkpoint) or --checkpoint PATH")
+  if _CHECKPOINT.value:
+    path = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
+    directory, step = os.path.dirname(path), os.path.basename(path)
+    if not step.isdigit() or not os.path.isdir(path):
+      print(f"error: {_CHECKPOINT.value} is not a checkpoint step directory (DIR/checkpoints/<step>)",
+            file=sys.stderr)
+      sys.exit(1)
+    step = int(step)
+    out_dir = _WORKDIR.value or os.path.dirname(directory)
+  else:
+    directory, step = os.path.join(_WORKDIR.value, "checkpoints"), None
+    out_dir = _WORKDIR.value
+  try:
+    setup = trainer.make_setup(_CONFIG.value)
+    ckpt = checkpointing.Checkpointer(directory, keep=10**6, async_save=False)
+    if ckpt.latest_step() is None:
+      raise ValueError(f"no checkpoint in {directory}")
+    state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step)
+    split = _SPLIT.value or _CONFIG.value.eval_split
+    result = trainer.evaluate(setup, state.params, split=split)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  result = {"step": meta["step"], "split": split, **result}
+  print(f"step {result['step']} {split}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
+        f"loss {result['loss']:.4f} ({result['examples']} images)")
+  output = _OUTPUT.value or os.path.join(out_dir, f"eval_{split}_{result['step']}.json")
+  with open(output, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"written to {output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

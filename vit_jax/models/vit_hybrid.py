@@ -1,0 +1,106 @@
+"""Hybrid ResNet + ViT (Dosovitskiy et al., 2020, section 3.1): a ViT on a ResNet's feature map.
+
+The ResNet is the post-activation stem of the original code (``resnet.py``), stored under
+``resnet/`` with the checkpoint names (``conv_root``, ``gn_root``, ``block{s}/unit{u}/...``); the
+transformer is ``vit.VisionTransformer`` itself (same ``embedding``, ``cls``, ``Transformer``,
+``head``) with the feature map as its input image: patch size 1 for the R50 and R26 hybrids,
+8 for the stem-only "R+ViT-Ti/16".
+
+Names give the ResNet depth, the ViT variant and the total stride (ResNet stride x patch size):
+"R50+ViT-B/16" (3 stages of (3, 4, 9) units, stride 16), "R50+ViT-L/32" ((3, 4, 6, 3)),
+"R26+ViT-{S,B}/32" ((2, 2, 2, 2)), "R+ViT-Ti/16" (root only, patches 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+from flax import nnx
+
+from vit_jax.models import registry
+from vit_jax.models.resnet import HYBRID_DEFAULTS, ResNet, ResNetConfig
+from vit_jax.models.vit import VARIANTS, ViTConfig, VisionTransformer
+
+# (ResNet depth, total stride) -> (units per stage, patch size on the feature map).
+BACKBONES: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {
+    ("50", 16): ((3, 4, 9), 1),
+    ("50", 32): ((3, 4, 6, 3), 1),
+    ("26", 32): ((2, 2, 2, 2), 1),
+    ("", 16): ((), 8),
+}
+# Options of the ResNet part; every other option goes to the ViT part (see vit.ViTConfig).
+RESNET_OPTIONS = {"resnet_layers": "layers", "resnet_width": "width", "ws_style": "ws_style",
+                  "ws_eps": "ws_eps", "gn_eps": "gn_eps", "gn_groups": "gn_groups",
+                  "resnet_padding": "padding"}
+
+
+class HybridViT(VisionTransformer):
+  """``model(images)``: ResNet features -> patch embedding -> ViT, as ``VisionTransformer``.
+
+  ``config`` is the ViT part's config, whose ``image_size`` and ``channels`` are those of the
+  ResNet's feature map; ``resnet.config`` is the ResNet's; ``image_size`` is the input size.
+  """
+
+  def __init__(self, resnet_cfg: ResNetConfig, vit_cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.resnet = ResNet(resnet_cfg, rngs=rngs)
+    super().__init__(vit_cfg, rngs=rngs)
+    self.image_size = resnet_cfg.image_size
+
+  def check_images(self, images: jax.Array) -> None:
+    want = (self.image_size, self.image_size, self.resnet.config.channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: it takes NHWC "
+                       f"batches of shape (batch, {want[0]}, {want[1]}, {want[2]})")
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """ResNet features, then the ViT patch embedding: [B, H, W, C] -> [B, tokens, hidden]."""
+    return super().embed(self.resnet.features(images))
+
+
+def build_hybrid(depth: str, variant: str, stride: int, *, num_classes: int, image_size: int,
+                 rngs: nnx.Rngs, overrides: dict[str, Any]) -> HybridViT:
+  overrides = dict(overrides)
+  if "resnet_layers" in overrides:
+    layers, patch = tuple(overrides["resnet_layers"]), overrides.get("patch_size", 1)
+  elif (depth, stride) in BACKBONES:
+    layers, patch = BACKBONES[(depth, stride)]
+  else:
+    known = ", ".join(f"R{d}+ViT-*/{s}" for d, s in BACKBONES)
+    raise ValueError(f"no hybrid backbone for R{depth} at total stride {stride}; known: {known} "
+                     f"(or give resnet_layers=... and patch_size=...)")
+  resnet_kwargs = {**HYBRID_DEFAULTS, "layers": layers,
+                   "channels": overrides.pop("channels", 3),
+                   "dtype": overrides.get("dtype", "float32")}
+  for key, field in RESNET_OPTIONS.items():
+    if key in overrides:
+      resnet_kwargs[field] = overrides.pop(key)
+  resnet_cfg = ResNetConfig(image_size=image_size, **resnet_kwargs)
+  feature = resnet_cfg.feature_size()
+  vit_kwargs = {**VARIANTS[variant], "patch_size": patch, **overrides}
+  fields = {f.name for f in dataclasses.fields(ViTConfig)}
+  unknown = sorted(set(vit_kwargs) - fields)
+  if unknown:
+    valid = sorted((fields - {"num_classes", "image_size"}) | set(RESNET_OPTIONS))
+    raise ValueError(f"unknown hybrid option(s) {unknown}; valid options: {valid}")
+  if feature % vit_kwargs["patch_size"]:
+    raise ValueError(f"image_size {image_size} gives a {feature}x{feature} ResNet feature map, "
+                     f"not a multiple of the patch size {vit_kwargs['patch_size']}")
+  vit_cfg = ViTConfig(num_classes=num_classes, image_size=feature,
+                      channels=resnet_cfg.out_channels, **vit_kwargs)
+  return HybridViT(resnet_cfg, vit_cfg, rngs=rngs)
+
+
+def _build(match: re.Match, **kwargs) -> HybridViT:
+  return build_hybrid(match["depth"] or "", match["variant"], int(match["stride"]), **kwargs)
+
+
+registry.register_family(
+    "Hybrid",
+    pattern=r"R(?P<depth>\d*)\+ViT-(?P<variant>Ti|S|B|L|H|g)[/_](?P<stride>\d+)",
+    build=_build,
+    examples=("R50+ViT-B/16", "R50+ViT-L/32", "R26+ViT-S/32", "R26+ViT-B/32", "R+ViT-Ti/16"),
+    help="R{50,26,}+ViT-<variant>/<total stride>: ResNet stem + ViT (original hybrids)",
+)
