@@ -62,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vit_jax.command_line import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -27,8 +27,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pp_train = "decode|pad(1)|random_crop(8)|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"
   c.pp_eval = "decode|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"
 
+  # name plus options of models.create; any of them can be overridden with --config.model.KEY=VALUE.
   c.model = ml_collections.ConfigDict(dict(
-      name="ViT-Ti/2", channels=1, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128))
+      name="ViT-Ti/2", channels=1, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128,
+      classifier="token", posemb="learn", dropout_rate=0.0, stochastic_depth=0.0,
+      dtype="float32", scan=False, remat="none"))
 
   c.batch_size = 128
   c.eval_batch_size = 100

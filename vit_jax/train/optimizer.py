@@ -67,6 +67,7 @@ def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransfor
                                accumulator_dtype=mu_dtype))
   else:
     chain.append(optax.scale_by_factored_rms(decay_rate=cfg.get("decay_rate", 0.8)))
+    chain.append(optax.clip_by_block_rms(cfg.get("update_clip", 1.0)))
     if cfg.get("momentum", 0.0):
       chain.append(optax.trace(decay=cfg.momentum, accumulator_dtype=mu_dtype))
   if wd:

@@ -104,24 +104,16 @@ def make_setup(config: Any) -> Setup:
                 sharding.batch_sharding(mesh), replicated)
   abstract_state = jax.eval_shape(setup._init)
   param_sh = sharding.param_shardings(abstract_state.params, axes, rules, mesh)
+  # Optimizer leaves that mirror a parameter keep its sharding; factored statistics (adafactor's
+  # row and column second moments) have other shapes and stay replicated.
   opt_sh = optax.tree_map_params(
-      tx, lambda leaf, s: s if leaf.shape == _shape_of(s, abstract_state.params, leaf) else replicated,
-      abstract_state.opt_state, param_sh, transform_non_params=lambda _: replicated,
+      tx, lambda leaf, s, p: s if leaf.shape == p.shape else replicated,
+      abstract_state.opt_state, param_sh, abstract_state.params,
+      transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
   setup.abstract_state = abstract_state
   setup.shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
   return setup
-
-
-def _shape_of(s: NamedSharding, params, leaf) -> tuple:
-  # Optimizer leaves that mirror a parameter keep its sharding; factored ones (adafactor's row
-  # and column statistics) have other shapes and stay replicated. A spec only fits its own shape.
-  del params
-  try:
-    s.shard_shape(leaf.shape)
-    return leaf.shape
-  except ValueError:
-    return ()
 
 
 def _meta(setup: Setup, step: int) -> dict:

@@ -1,0 +1,23 @@
+"""Tiny configs for the training tests (derived from configs/default.py)."""
+
+from configs import default
+
+
+def tiny_config(**overrides):
+  """A 2-layer width-32 ViT on the digits that trains in seconds."""
+  c = default.get_config()
+  c.model.update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+  c.batch_size = 32
+  c.eval_batch_size = 80
+  c.total_steps = 10
+  c.log_every = 5
+  c.eval_every = 10
+  c.checkpoint_every = 5
+  c.schedule.warmup_steps = 2
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
