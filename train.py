@@ -8,25 +8,60 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+def _fake_devices_from_argv() -> None:
+  # XLA reads the host device count once, at the first jax import: set it before that.
+  for i, arg in enumerate(sys.argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--fake_devices=") else (
+        sys.argv[i + 1] if arg == "--fake_devices" and i + 1 < len(sys.argv) else None)
+    if value:
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                 f" --xla_force_host_platform_device_count={int(value)}").strip()
+      os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_fake_devices_from_argv()
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh without data and "
+                             "print per-device memory, FLOPs and shardings; trains nothing.")
+_FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: this many fake CPU devices.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "none"],
+                                 "Multi-process start: auto-detect Cloud TPU / SLURM, explicit flags, or none.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flag_as_required("config")
 
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vit_jax.train import trainer
+  if _DRY_RUN.value:
+    from vit_jax.train import dry_run
+    try:
+      print(dry_run.format_report(dry_run.dry_run(_CONFIG.value)))
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (except with --dry_run)")
+  from vit_jax.train import distributed, trainer
   try:
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, trainer.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  if final.get("preempted"):
+    return
   print(f"final: top-1 {final['top1']:.4f}, top-5 {final['top5']:.4f}, loss {final['loss']:.4f} "
         f"on {final['examples']} held-out images (written to {_WORKDIR.value}/final_metrics.json)")
 

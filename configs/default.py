@@ -23,6 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_classes = 10
   c.image_size = 8
   c.shuffle_buffer = 2_000
+  # Input shards (0: one per process). Fix it to keep the global batch sequence when the number
+  # of hosts changes between runs.
+  c.num_data_shards = 0
   # Shift augmentation: pad by one pixel and crop back to 8x8 at a random offset.
   c.pp_train = "decode|pad(1)|random_crop(8)|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"
   c.pp_eval = "decode|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"
@@ -49,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 1_000
   c.keep_checkpoints = 2
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # A preset (data_parallel, fsdp, tensor_parallel) or sizes such as "data=2,fsdp=-1,tensor=2".
+  c.mesh = "data_parallel"
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
   return c

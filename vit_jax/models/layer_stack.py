@@ -61,7 +61,8 @@ def apply_blocks(blocks: nnx.Module, x: jax.Array, *, num_layers: int, train: bo
   def apply(graphdef, state, x, rate, key):
     block = nnx.merge(graphdef, state)
     block_rngs = nnx.Rngs(dropout=key) if key is not None else None
-    return constrain_batch(block(x, train=train, rngs=block_rngs, drop_path_rate=rate))
+    y = block(x, train=train, rngs=block_rngs, drop_path_rate=rate)
+    return constrain_batch(y.astype(x.dtype))
 
   if remat != "none":
     apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat], static_argnums=(0,))

@@ -96,7 +96,7 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None,
                      "call model(images, train=True, rngs=nnx.Rngs(dropout=key))")
   shape = [1 if i in broadcast_dims else d for i, d in enumerate(x.shape)]
   keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 def drop_path(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:

@@ -57,7 +57,7 @@ def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransfor
   if cfg.get("grad_clip_norm", 0.0):
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   wd = cfg.get("weight_decay", 0.0)
-  mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.get("mu_dtype") else None
+  mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.get("mu_dtype") else None  # "" or None: as params
   if name == "adamw":
     chain.append(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                                      eps=cfg.get("eps", 1e-8), mu_dtype=mu_dtype))

@@ -64,8 +64,28 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over all global devices, with Auto axis types."""
+def parse_mesh(spec: str) -> dict[str, int]:
+  """A preset name or ``"data=2,fsdp=4,tensor=1"`` -> sizes per axis."""
+  if spec in PRESETS:
+    return dict(PRESETS[spec])
+  sizes = {}
+  for item in spec.split(","):
+    axis, sep, size = item.partition("=")
+    if not sep or axis.strip() not in MESH_AXES or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"mesh {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor sizes "
+                       f"like 'data=2,fsdp=-1,tensor=1' over the axes {MESH_AXES}")
+    sizes[axis.strip()] = int(size)
+  return sizes
+
+
+def make_mesh(sizes: Mapping[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all global devices, with Auto axis types.
+
+  ``sizes`` maps axes to sizes (-1 takes the rest), or is a string: a preset of ``PRESETS`` or
+  sizes such as ``"data=2,fsdp=-1"`` (unnamed axes have size 1).
+  """
+  if isinstance(sizes, str):
+    sizes = parse_mesh(sizes)
   devices = list(devices) if devices is not None else jax.devices()
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),

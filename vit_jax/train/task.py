@@ -94,14 +94,14 @@ class Classification:
     return data.train_batches(dataset=c.dataset, split=c.train_split, pp=c.pp_train,
                               batch_size=c.batch_size, seed=c.seed, start_step=start_step,
                               data_dir=c.data_dir, shuffle_buffer=c.shuffle_buffer,
-                              num_shards=c.get("num_data_shards"))
+                              num_shards=c.num_data_shards or None)
 
   def eval_data(self, split: str | None = None) -> Iterator[dict]:
     from vit_jax import data
     c = self.config
     return data.eval_batches(dataset=c.dataset, split=split or c.eval_split, pp=c.pp_eval,
                              batch_size=c.eval_batch_size, data_dir=c.data_dir,
-                             num_shards=c.get("num_data_shards"))
+                             num_shards=c.num_data_shards or None)
 
 
 TASKS = {"classification": Classification}

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax.train import checkpointing, optimizer, sharding
 from vit_jax.train.metrics_writer import MetricsWriter
+from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
 from vit_jax.train.step import all_finite, make_eval_step, make_train_step
 from vit_jax.train.task import Task, get_task
@@ -27,6 +28,22 @@ from vit_jax.train.task import Task, get_task
 
 class NonFiniteLossError(RuntimeError):
   """The loss or the state became NaN or infinite."""
+
+
+class MeshJit:
+  """A jitted function traced, lowered and called with its mesh in context, so that the
+  models' activation constraints (``layer_stack.constrain_batch``) see the mesh axes."""
+
+  def __init__(self, mesh: jax.sharding.Mesh, jitted):
+    self.mesh, self.jitted = mesh, jitted
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 @dataclasses.dataclass
@@ -74,13 +91,13 @@ class Setup:
   def jit_train_step(self):
     step = make_train_step(self.graphdef, self.task, self.tx, self.schedule, seed=self.config.seed,
                            accum_steps=self.config.get("grad_accum_steps", 1))
-    return jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
-                   out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+    return MeshJit(self.mesh, jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                                      out_shardings=(self.shardings, self.replicated), donate_argnums=0))
 
   def jit_eval_step(self):
-    return jax.jit(make_eval_step(self.graphdef, self.task),
-                   in_shardings=(self.shardings.params, self.batch_sharding),
-                   out_shardings=self.replicated)
+    return MeshJit(self.mesh, jax.jit(make_eval_step(self.graphdef, self.task),
+                                      in_shardings=(self.shardings.params, self.batch_sharding),
+                                      out_shardings=self.replicated))
 
   def global_batch(self, local: dict) -> dict:
     """Host-local numpy batch -> global jax.Arrays split over (data, fsdp)."""
@@ -88,9 +105,10 @@ class Setup:
             for k, v in local.items()}
 
 
-def make_setup(config: Any) -> Setup:
+def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
+  """Everything but the data: mesh (over ``devices``, default all), shardings, optimizer, steps."""
   task = get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   rules = sharding.rules_dict(config.sharding_rules)
@@ -165,6 +183,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     writer.log(f"resumed from step {start} in {workdir}")
   batches: Iterator[dict] = setup.task.train_data(start)
   writer.start_clock(start)
+  guard = PreemptionGuard()
   final = {}
   try:
     for step in range(start + 1, config.total_steps + 1):
@@ -180,15 +199,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         writer.write(step, {f"eval/{k}": v for k, v in final.items()})
         writer.log(f"step {step}: eval top-1 {final['top1']:.4f} top-5 {final['top5']:.4f} "
                    f"loss {final['loss']:.4f}")
-      if step % config.checkpoint_every == 0 or last:
+      preempted = guard.should_stop(at_sync_point=step % config.log_every == 0) and not last
+      if step % config.checkpoint_every == 0 or last or preempted:
         _check_finite(float(jax.device_get(metrics["loss"])), step, last_ckpt)
         if not bool(check_state(state)):
           _check_finite(float("nan"), step, last_ckpt)
         ckpt.save(step, state, _meta(setup, step))
         last_ckpt = step
+      if preempted:
+        writer.log(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; re-run the same "
+                   "command to resume")
+        return {"step": step, "preempted": True}
     if not final:  # resumed at the end: evaluate what is there
       final = evaluate(setup, state.params, eval_step)
   finally:
+    guard.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
