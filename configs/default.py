@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = "sklearn_digits"
-  c.data_dir = None
+  c.data_dir = ml_collections.config_dict.placeholder(str)  # None: tfds default
   c.train_split = "train"
   c.eval_split = "test"
   c.num_classes = 10

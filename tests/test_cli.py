@@ -9,8 +9,9 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from tests.checkpoint_reading import read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer ViT on the digits; 64 images a step, so an epoch of 1,497 ends after step 23.
@@ -33,13 +34,6 @@ def train_cmd(workdir, *extra):
 
 def run(cmd, timeout=300):
   return subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def final_params(workdir, step=40):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  manager.close()
-  return state
 
 
 def last_logged_step(workdir):
@@ -70,12 +64,29 @@ def test_sigkill_and_restart_ends_bit_equal(tmp_path):
   resumed = run(train_cmd(workdir))
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step" in resumed.stdout
-  ref, got = final_params(tmp_path / "ref"), final_params(workdir)
-  import jax
-  leaves_ref, leaves_got = jax.tree.leaves(ref), jax.tree.leaves(got)
-  assert len(leaves_ref) == len(leaves_got) > 10
-  for a, b in zip(leaves_ref, leaves_got):
-    np.testing.assert_array_equal(a, b, err_msg=f"killed at step {killed_at}")
+  ref, got = read_state(tmp_path / "ref", 40), read_state(workdir, 40)
+  assert ref.keys() == got.keys() and len(ref) > 10
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k}, killed at step {killed_at}")
+
+  # SIGTERM (preemption): the run checkpoints the step it is at and exits cleanly; re-running resumes.
+  workdir_term = tmp_path / "sigterm"
+  proc = subprocess.Popen(train_cmd(workdir_term), env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while last_logged_step(workdir_term) < 12 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  saved = [int(d) for d in os.listdir(workdir_term / "checkpoints") if d.isdigit()]
+  assert "SIGTERM: saved a checkpoint at step" in out and max(saved) >= 12
+  assert max(saved) < 40 and max(saved) == last_logged_step(workdir_term)  # the step it was at
+  resumed = run(train_cmd(workdir_term))
+  assert resumed.returncode == 0 and f"resumed from step {max(saved)}" in resumed.stdout
+  got = read_state(workdir_term, 40)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k}, SIGTERM at step {max(saved)}")
 
   # evaluate.py on the latest checkpoint, then on an explicit one.
   out = run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--config",
@@ -113,3 +124,36 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   out = run(train_cmd(tmp_path, "--config.model.num_layers=3"))
   assert out.returncode != 0
   assert "belongs to another model" in out.stderr and "num_layers" in out.stderr
+
+
+HALF_SAVE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.train_configs import tiny_config
+from vit_jax.train import checkpointing, trainer
+setup = trainer.make_setup(tiny_config())
+state = setup.init_state()
+ckpt = checkpointing.Checkpointer({directory!r}, keep=5)
+meta = {{"signature": setup.task.signature(), "step": 5}}
+ckpt.save(5, state, meta)
+ckpt.wait()
+ckpt.save(10, state, dict(meta, step=10))  # asynchronous: still writing when the process dies
+os._exit(1)
+"""
+
+
+def test_checkpoint_half_written_when_the_process_died_is_never_loaded(tmp_path):
+  directory = tmp_path / "checkpoints"
+  out = subprocess.run([sys.executable, "-c", HALF_SAVE.format(root=ROOT, directory=str(directory))],
+                       env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-2000:]
+  leftovers = [d for d in os.listdir(directory) if d.startswith("10")]
+  assert leftovers and all("tmp" in d for d in leftovers), os.listdir(directory)
+  from tests.train_configs import tiny_config
+  from vit_jax.train import checkpointing, trainer
+  ckpt = checkpointing.Checkpointer(str(directory), keep=5)
+  assert ckpt.latest_step() == 5
+  setup = trainer.make_setup(tiny_config())
+  state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature())
+  assert meta["step"] == 5 and int(state.step) == 0
+  ckpt.close()

@@ -1,0 +1,98 @@
+"""Every benchmark script runs end to end on a tiny model and writes sane JSON (no speed is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["inference", "train_step", "compare_timm", "input_pipeline"]
+TINY = ["--image-size", "32", "--option", "num_layers=1"]
+
+
+def run_script(name, *args, timeout=120):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_load_record(load):
+  assert set(load) >= {"loadavg_before", "loadavg_after", "foreign_cpu_fraction", "trusted"}
+  assert len(load["loadavg_before"]) == 3 and 0.0 <= load["foreign_cpu_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name):
+  assert "usage:" in run_script(name, "--help", timeout=60)
+
+
+def test_inference(tmp_path):
+  out = tmp_path / "inference.json"
+  stdout = run_script("inference", "--model", "ViT-Ti/16", *TINY, "--batch-sizes", "1,4",
+                      "--min-seconds", "0.1", "--iters", "3", "--json", str(out))
+  assert "img_per_s" in stdout and "load average before" in stdout
+  record = read_json(out)
+  assert [r["batch"] for r in record["results"]] == [1, 4]
+  for row in record["results"]:
+    assert row["img_per_s"] > 0 and row["latency_ms"] > 0 and row["times_s"]["n"] >= 3
+    assert row["img_per_s"] == pytest.approx(row["batch"] * 1e3 / row["latency_ms"])
+  check_load_record(record["load"])
+  assert record["environment"]["versions"]["jax"]
+
+
+def test_train_step(tmp_path):
+  out = tmp_path / "train.json"
+  run_script("train_step", "--model", "ViT-Ti/16", *TINY, "--batch", "8", "--steps", "2",
+             "--min-seconds", "0.1", "--json", str(out))
+  record = read_json(out)
+  row = record["result"]
+  assert row["img_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
+  assert 0 < row["mfu"] < 1
+  assert row["static_peak_mib"] > 0
+  assert record["train_flops_per_image"] == flops.train_flops("ViT-Ti/16", 32, 1000, num_layers=1)
+  check_load_record(record["load"])
+
+
+def test_compare_timm(tmp_path):
+  out = tmp_path / "compare.json"
+  stdout = run_script("compare_timm", "--rounds", "1", *TINY, "--option", "hidden_size=64",
+                      "--option", "num_heads=2", "--option", "mlp_dim=128",
+                      "--workloads", "fwd:ViT-Ti/16:2,train:ViT-Ti/16:2", "--iters", "2",
+                      "--min-seconds", "0", "--warmup", "1", "--json", str(out))
+  assert "ratio_vs_timm" in stdout
+  record = read_json(out)
+  assert {(r["workload"], r["framework"]) for r in record["results"]} == {
+      (w, f) for w in ("fwd:ViT-Ti/16:2", "train:ViT-Ti/16:2") for f in ("jax", "timm")}
+  for row in record["results"]:
+    assert row["img_per_s"] > 0 and row["ratio_vs_timm"] > 0
+    if row["framework"] == "timm":
+      assert row["ratio_vs_timm"] == 1.0
+  assert len(record["runs"]) == 4 and isinstance(record["trusted"], bool)
+  check_load_record(record["load"])
+
+
+def test_compare_timm_rejects_bad_workload():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare_timm.py"),
+                         "--workloads", "fwd:ViT-Ti/16"], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode != 0 and "mode:model:batch" in proc.stderr
+
+
+def test_input_pipeline(tmp_path):
+  out = tmp_path / "pipeline.json"
+  run_script("input_pipeline", "--cores", "1", "--num-images", "16", "--width", "64", "--height", "48",
+             "--image-size", "32", "--batch", "4", "--batches", "2", "--warmup", "1", "--json", str(out))
+  record = read_json(out)
+  (row,) = record["results"]
+  assert row["cores"] == 1 and row["img_per_s"] > 0
+  assert record["runs"][0]["batch_shape"] == [4, 32, 32, 3]
+  check_load_record(record["load"])

@@ -1,0 +1,76 @@
+"""Two JAX processes on localhost (4 CPU devices each) train, checkpoint and evaluate exactly as
+one process with 8 devices does."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.checkpoint_reading import read_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--config.model.hidden_size=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
+        "--config.model.mlp_dim=128", "--config.batch_size=32", "--config.eval_batch_size=80",
+        "--config.total_steps=6", "--config.log_every=2", "--config.checkpoint_every=3",
+        "--config.eval_every=6", "--config.num_data_shards=2", "--config.mesh=data=2,fsdp=4",
+        "--config.lr=1e-4", "--config.schedule.warmup_steps=2"]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def env(devices):
+  e = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return e
+
+
+def cmd(workdir, *extra):
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/default.py"),
+          "--workdir", str(workdir), "--config.data_dir=" + os.path.join(str(workdir), "..", "tfds"),
+          *ARGS, *extra]
+
+
+def test_two_processes_match_one(tmp_path):
+  single = subprocess.run(cmd(tmp_path / "one"), env=env(8), cwd=ROOT, capture_output=True,
+                          text=True, timeout=400)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = free_port()
+  procs = [subprocess.Popen(cmd(tmp_path / "two", "--distributed=explicit",
+                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                f"--process_id={i}"),
+                            env=env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # One writer: only process 0 prints the progress and writes metrics.
+  assert "final: top-1" in outs[0][0] and "[" in outs[0][0]
+  assert "img/s" not in outs[1][0]
+
+  def metrics(workdir):
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+  assert [m["step"] for m in one] == [m["step"] for m in two]  # no duplicated lines
+  for a, b in zip(one, two):
+    if "train/loss" in a:
+      np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-6)
+  final_one = json.loads((tmp_path / "one" / "final_metrics.json").read_text())
+  final_two = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
+  assert final_one["examples"] == final_two["examples"] == 300  # every example once
+  np.testing.assert_allclose(final_two["loss"], final_one["loss"], rtol=1e-5)
+
+  ref, got = read_state(tmp_path / "one", 6), read_state(tmp_path / "two", 6)
+  assert ref.keys() == got.keys()
+  for k in ref:
+    if "['key']['bias']" in k:
+      assert np.max(np.abs(got[k] - ref[k])) < 1e-5, k
+    else:
+      assert np.linalg.norm(got[k] - ref[k]) <= 1e-5 * np.linalg.norm(ref[k]) + 1e-12, k
