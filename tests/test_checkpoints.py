@@ -316,6 +316,14 @@ def test_token_checkpoint_into_gap_model_drops_cls_and_its_posemb(tmp_path):
   np.testing.assert_array_equal(params(model)["Transformer/posembed_input/pos_embedding"], pe[:, 1:])
 
 
+def test_pre_linen_opt_target_prefix_is_stripped(tmp_path):
+  arrays = dict(np.load(write_original(tmp_path / "o.npz")))
+  path = npz_writers.write_npz(tmp_path / "old.npz", {f"opt/target/{k}": v for k, v in arrays.items()})
+  p = params(checkpoints.load_pretrained(ours(), path))
+  np.testing.assert_array_equal(p["Transformer/blocks/1/MlpBlock_3/Dense_1/kernel"],
+                                arrays["Transformer/encoderblock_1/MlpBlock_3/Dense_1/kernel"])
+
+
 def test_bfloat16_npz_loads_as_float32(tmp_path):
   import ml_dtypes
   arrays = dict(np.load(write_original(tmp_path / "o.npz")))

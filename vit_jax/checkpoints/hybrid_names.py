@@ -1,61 +1,85 @@
-"""Checkpoint names of the hybrids (``models/vit_hybrid.py``): timm and the original npz.
+"""The hybrids (``models/vit_hybrid.py``): the original npz format and timm's names.
 
-* Original npz (google-research/vision_transformer): the ResNet at the top level (``conv_root``,
-  ``gn_root``, ``block{s}/unit{u}/...``; ours under ``resnet/``) and the ViT names, with
-  ``Transformer/encoderblock_{i}`` for our ``Transformer/blocks/{i}``.
-* timm ``vit_*_r*_s*``: ``patch_embed.backbone.`` (the ResNetV2 without pre-activation),
-  ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}`` with a fused ``qkv``,
-  ``norm``, ``head``.
+* Original npz (google-research/vision_transformer): the ResNet at the top level
+  (``conv_root``, ``gn_root``, ``block{s}/unit{u}/...``; ours under ``resnet/``), then the ViT's
+  original names (``npz_vit.RULES``). Written back by ``export_npz(model, path)``.
+* timm ``vit_{tiny,small,base,large}_r*``: the post-activation ResNetV2 under
+  ``patch_embed.backbone.`` (stages renumbered from 1 by ``prepare``), then timm's ViT names
+  (``timm_names.RULES``).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Collection
 
-from vit_jax.checkpoints.name_rules import (Rule, dense, fused_heads, heads_out, layer_norm, patch_conv,
-                                            renamed, same)
-from vit_jax.checkpoints.resnet_names import resnet_npz_rules, resnet_timm_rules
-from vit_jax.models.vit_hybrid import HybridViT
+from vit_jax.checkpoints import npz_vit, timm_names
+from vit_jax.checkpoints.mapping import Arrays, Family, Format, ModelSpec, register_family, register_format, rename, strip_prefix
+from vit_jax.checkpoints.resnet_names import postact_timm_rules, renumber_stages
+from vit_jax.models.vit_hybrid import BACKBONES, HybridViT
 
-
-def hybrid_npz_rules(model: HybridViT) -> list[Rule]:
-  """Original npz <-> ours."""
-  vit = renamed(model, lambda p: re.sub(r"^Transformer/blocks/(\d+)/", r"Transformer/encoderblock_\1/", p),
-                skip=lambda p: p.startswith("resnet/"))
-  return resnet_npz_rules(model) + vit
+RESNET = "resnet/"
 
 
-def vit_timm_rules(model, heads: int, num_layers: int) -> list[Rule]:
-  """timm VisionTransformer names of our ViT part (token classifier, learned posemb)."""
-  cfg = model.config
-  if cfg.classifier != "token" or cfg.representation_size or cfg.posemb != "learn":
-    raise ValueError("timm's hybrids have a cls token, learned position embeddings and no "
-                     f"pre-logits layer; this model has classifier={cfg.classifier!r}, "
-                     f"posemb={cfg.posemb!r}, representation_size={cfg.representation_size}")
-  rules = [patch_conv("embedding/kernel", "patch_embed.proj.weight"),
-           same("embedding/bias", "patch_embed.proj.bias"),
-           same("cls", "cls_token"),
-           same("Transformer/posembed_input/pos_embedding", "pos_embed")]
-  for i in range(num_layers):
-    o, t = f"Transformer/blocks/{i}/", f"blocks.{i}."
-    attn = f"{o}MultiHeadDotProductAttention_1/"
-    rules += layer_norm(f"{o}LayerNorm_0", f"{t}norm1")
-    rules.append(fused_heads([f"{attn}{n}/kernel" for n in ("query", "key", "value")],
-                             f"{t}attn.qkv.weight", heads))
-    rules.append(fused_heads([f"{attn}{n}/bias" for n in ("query", "key", "value")],
-                             f"{t}attn.qkv.bias", heads, bias=True))
-    rules.append(heads_out(f"{attn}out/kernel", f"{t}attn.proj.weight"))
-    rules.append(same(f"{attn}out/bias", f"{t}attn.proj.bias"))
-    rules += layer_norm(f"{o}LayerNorm_2", f"{t}norm2")
-    rules += dense(f"{o}MlpBlock_3/Dense_0", f"{t}mlp.fc1")
-    rules += dense(f"{o}MlpBlock_3/Dense_1", f"{t}mlp.fc2")
-  rules += layer_norm("Transformer/encoder_norm", "norm")
-  rules += dense("head", "head")
-  return rules
+def infer_hybrid(arrays: Arrays) -> ModelSpec:
+  """The hybrid a checkpoint (in model names) holds: ResNet depth, ViT variant, stride, classes."""
+  if f"{RESNET}conv_root/kernel" not in arrays:
+    raise ValueError("not a hybrid checkpoint: it has no 'conv_root/kernel'")
+  layers = []
+  while units := {m[1] for k in arrays
+                  if (m := re.match(rf"{RESNET}block{len(layers) + 1}/unit(\d+)/", k))}:
+    layers.append(len(units))
+  _, _, channels, width = arrays[f"{RESNET}conv_root/kernel"].shape
+  vit = npz_vit.infer_vit({k: v for k, v in arrays.items() if not k.startswith(RESNET)})
+  variant, patch = re.fullmatch(r"ViT-(\w+)/(\d+)", vit.name).groups()
+  resnet_stride = 4 * 2 ** max(len(layers) - 1, 0)
+  overrides = {k: v for k, v in vit.overrides.items() if k != "channels"}
+  depth, stride = next(((d, s) for (d, s), (l, p) in BACKBONES.items()
+                        if l == tuple(layers) and p == int(patch)), (None, None))
+  if depth is None:  # no published name: any name with the layers and patch size spelled out
+    depth, stride = "", resnet_stride * int(patch)
+    overrides.update(resnet_layers=tuple(layers), patch_size=int(patch))
+  if width != 64:
+    overrides["resnet_width"] = int(width)
+  if channels != 3:
+    overrides["channels"] = int(channels)
+  return ModelSpec(f"R{depth}+ViT-{variant}/{stride}", vit.num_classes,
+                   vit.image_size * resnet_stride, overrides)
 
 
-def hybrid_timm_rules(model: HybridViT) -> list[Rule]:
-  """timm ``vit_base_r50_s16_224`` etc. <-> ours."""
-  cfg = model.config
-  return (resnet_timm_rules(model.resnet.config, "resnet/", "patch_embed.backbone.")
-          + vit_timm_rules(model, cfg.num_heads, cfg.num_layers))
+register_family(Family(
+    name="Hybrid",
+    model_type=HybridViT,
+    layer_lists=(npz_vit.BLOCKS,),
+    posemb=(npz_vit.POSEMB,),
+    head="head",
+    optional=("pre_logits", "cls"),
+    reset_head_when_dropped=("pre_logits",),
+    infer=infer_hybrid,
+))
+
+NPZ_RULES = (
+    rename("conv_root/{rest:*}", RESNET + "conv_root/{rest:*}"),
+    rename("gn_root/{rest:*}", RESNET + "gn_root/{rest:*}"),
+    rename("block{s}/{rest:*}", RESNET + "block{s}/{rest:*}"),
+    *npz_vit.RULES,
+)
+
+
+def detect_npz(keys: Collection[str]) -> bool:
+  return "conv_root/kernel" in keys and "embedding/kernel" in keys
+
+
+register_format(Format(family="Hybrid", name="vit", rules=NPZ_RULES, detect=detect_npz,
+                       containers=("npz",),
+                       prepare=lambda arrays: strip_prefix(arrays, npz_vit.PREFIXES)))
+
+TIMM_RULES = (*postact_timm_rules("patch_embed.backbone.", RESNET), *timm_names.RULES)
+
+
+def detect_timm(keys: Collection[str]) -> bool:
+  return any(k.startswith("patch_embed.backbone.") for k in keys)
+
+
+register_format(Format(family="Hybrid", name="timm", rules=TIMM_RULES, detect=detect_timm,
+                       containers=("safetensors", "torch"), prepare=renumber_stages))

@@ -80,14 +80,15 @@ def _mismatch_message(path: str, fmt: str, model: nnx.Module, misshaped, missing
   return "\n".join(lines)
 
 
-def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, format: str = "auto",  # pylint: disable=redefined-builtin
+def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpoint, *, format: str = "auto",  # pylint: disable=redefined-builtin
                     resample_posemb: str = "zoom", reset_head: bool | None = None) -> nnx.Module:
   """Loads the checkpoint at ``path`` into ``model``'s parameters, in place; returns ``model``.
 
   Args:
     model: a model of ``vit_jax.models`` (any family with registered mappings).
     path: an ``.npz`` (original ViT or big_vision), ``.safetensors`` or torch state-dict file
-      (timm names), or an orbax checkpoint of this library (step dir, checkpoints dir, workdir).
+      (timm names), or an orbax checkpoint of this library (step dir, checkpoints dir, workdir);
+      or a ``Checkpoint`` already read (as ``infer_model`` returns).
     format: "auto" (detected from the names) or one of the family's formats ("vit",
       "big_vision", "timm", "vit_jax").
     resample_posemb: how to resample position embeddings to the model's grid: "zoom"
@@ -106,7 +107,7 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike, *, format: str =
   if reset_head not in (None, True, False):
     raise ValueError(f"reset_head must be True, False or None (automatic), got {reset_head!r}")
   family = mapping.family_of(model)
-  ckpt = readers.read(os.fspath(path))
+  ckpt = path if isinstance(path, readers.Checkpoint) else readers.read(os.fspath(path))
   fmt, prepared = detect_format(family, ckpt, format)
   shapes = param_tree.model_shapes(model, family.layer_lists)
   arrays, origin = to_model_arrays(family, fmt, prepared, shapes)
@@ -153,7 +154,8 @@ def infer_model(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint]
   """The model a checkpoint holds (for predicting without ``--model``), and the checkpoint.
 
   Orbax checkpoints of this library record it; for other files each family that can infer
-  its models from the arrays is asked in turn.
+  its models from the arrays is asked in turn (``Family.infer`` raises ValueError for a
+  checkpoint of another family).
   """
   ckpt = readers.read(os.fspath(path))
   signature = ckpt.meta.get("signature")
@@ -165,9 +167,9 @@ def infer_model(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint]
       continue
     try:
       fmt, prepared = detect_format(family, ckpt)
-    except CheckpointError:
+      arrays, _ = to_model_arrays(family, fmt, prepared, None)
+      return family.infer(arrays), ckpt
+    except ValueError:  # Not this family's checkpoint (CheckpointError is a ValueError).
       continue
-    arrays, _ = to_model_arrays(family, fmt, prepared, None)
-    return family.infer(arrays), ckpt
   raise CheckpointError(f"cannot tell which model {ckpt.path!r} holds; pass the model name "
                         f"(e.g. --model ViT-B/16)")

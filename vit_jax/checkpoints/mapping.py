@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import pkgutil
 import re
 from typing import Callable, Collection, Iterable, Mapping, Sequence
@@ -204,15 +205,26 @@ def register_format(fmt: Format) -> None:
   _FORMATS.append(fmt)
 
 
+_IMPORT_ERRORS: dict[str, str] = {}
+
+
 def discover() -> None:
-  """Imports every module of this package once, so that each registers its tables."""
+  """Imports every module of this package once, so that each registers its tables.
+
+  A module that fails to import is reported (a warning, and in the error for a model whose
+  family it would have registered) without breaking the other families.
+  """
   global _discovered
   if _discovered:
     return
   _discovered = True
   package = importlib.import_module("vit_jax.checkpoints")
   for info in pkgutil.iter_modules(package.__path__):
-    importlib.import_module(f"vit_jax.checkpoints.{info.name}")
+    try:
+      importlib.import_module(f"vit_jax.checkpoints.{info.name}")
+    except Exception as e:  # pylint: disable=broad-except  # Reported, see above.
+      _IMPORT_ERRORS[info.name] = f"{type(e).__name__}: {e}"
+      logging.getLogger(__name__).warning("vit_jax.checkpoints.%s failed to import: %s", info.name, e)
 
 
 def family_of(model: object) -> Family:
@@ -222,8 +234,10 @@ def family_of(model: object) -> Family:
     for family in _FAMILIES.values():
       if family.model_type is cls:
         return family
+  failed = "".join(f"; {name} failed to import ({error})" for name, error in _IMPORT_ERRORS.items())
   raise ValueError(f"no checkpoint mapping is registered for {type(model).__name__}; "
-                   f"registered model types: {sorted(f.model_type.__name__ for f in _FAMILIES.values())}")
+                   f"registered model types: {sorted(f.model_type.__name__ for f in _FAMILIES.values())}"
+                   + failed)
 
 
 def families() -> list[Family]:

@@ -18,12 +18,16 @@ from vit_jax.models import vit
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 BLOCKS = "Transformer/blocks"
+TOP_LEVEL = ("embedding", "cls", "Transformer", "MAPHead_0", "pre_logits", "head")
 
 
 def infer_vit(arrays: Arrays) -> ModelSpec:
   """The ViT a checkpoint (in model names) holds: variant, patch, classes, resolution, options."""
   if "embedding/kernel" not in arrays:
     raise ValueError("not a ViT checkpoint: it has no patch embedding 'embedding/kernel'")
+  foreign = sorted(k for k in arrays if k.split("/")[0] not in TOP_LEVEL)
+  if foreign:  # A hybrid's stem, for example: another family's checkpoint.
+    raise ValueError(f"not a plain ViT checkpoint: it also holds {foreign[:3]}")
   patch, _, channels, width = arrays["embedding/kernel"].shape
   depth = 1 + max((int(m[1]) for k in arrays if (m := re.match(BLOCKS + r"/(\d+)/", k))), default=-1)
   mlp = arrays.get(f"{BLOCKS}/0/MlpBlock_3/Dense_0/kernel", np.zeros((0, 4 * width))).shape[-1]

@@ -1,59 +1,85 @@
-"""Checkpoint names of the ResNets (``models/resnet.py``): timm's ResNetV2 and the original npz.
+"""BiT ResNets (``models/resnet.py``) in timm's ``resnetv2_*_bit`` names, and the ResNet rules
+that the hybrids' timm format reuses.
 
-Our names: ``conv_root``, ``gn_root`` (post-activation), ``block{s}/unit{u}/{conv,gn}{1,2,3}``,
-``conv_proj``, ``gn_proj`` (post-activation), ``gn_final`` and ``head`` (BiT).
+Ours follow the original npz names, numbered from 1 (``block{s}/unit{u}/{gn,conv}{1,2,3}``,
+``conv_proj``, ``gn_proj``); timm numbers ``stages.{s}.blocks.{u}`` from 0, so ``prepare``
+renumbers those keys from 1 first (``stages.1.blocks.1`` is ``block1/unit1``).
 """
 
 from __future__ import annotations
 
-from flax import nnx
+import re
+from typing import Collection
 
-from vit_jax.checkpoints.name_rules import Rule, conv, conv_as_linear, layer_norm, renamed, same
-from vit_jax.models.resnet import ResNet, ResNetConfig
+from vit_jax.checkpoints.mapping import Arrays, Family, Format, ModelSpec, Rule, register_family, register_format
+from vit_jax.checkpoints.torch_layouts import conv1x1_as_dense, conv_kernel, norm
+from vit_jax.checkpoints.timm_names import bias
+from vit_jax.models.resnet import DEPTHS, ResNet
 
-
-def _units(cfg: ResNetConfig):
-  """(stage index from 0, unit index from 0, has projection) for every unit: the first unit of
-  each stage projects (it widens the input 4x in stage 1 and strides in the others)."""
-  for s, n in enumerate(cfg.layers):
-    for u in range(n):
-      yield s, u, u == 0
+_STAGE = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.")
 
 
-def resnet_timm_rules(cfg: ResNetConfig, ours: str = "", theirs: str = "") -> list[Rule]:
-  """timm ResNetV2 (``preact`` as BiT, or the hybrids' post-activation backbone) <-> ours.
-
-  ``ours``/``theirs`` prefix the names (e.g. "resnet/" and "patch_embed.backbone.").
-  """
-  rules: list[Rule] = []
-  if cfg.preact:
-    rules.append(conv(f"{ours}conv_root/kernel", f"{theirs}stem.conv.weight"))
-  else:
-    stem = f"{theirs}stem." if cfg.layers else theirs  # timm's stem-only backbone is the stem itself
-    rules.append(conv(f"{ours}conv_root/kernel", f"{stem}conv.weight"))
-    rules += layer_norm(f"{ours}gn_root", f"{stem}norm")
-  for s, u, proj in _units(cfg):
-    o, t = f"{ours}block{s + 1}/unit{u + 1}/", f"{theirs}stages.{s}.blocks.{u}."
-    for k in (1, 2, 3):
-      rules.append(conv(f"{o}conv{k}/kernel", f"{t}conv{k}.weight"))
-      rules += layer_norm(f"{o}gn{k}", f"{t}norm{k}")
-    if proj:
-      rules.append(conv(f"{o}conv_proj/kernel", f"{t}downsample.conv.weight"))
-      if not cfg.preact:
-        rules += layer_norm(f"{o}gn_proj", f"{t}downsample.norm")
-  if cfg.preact:
-    rules += layer_norm(f"{ours}gn_final", f"{theirs}norm")
-    if cfg.num_classes:
-      rules.append(conv_as_linear(f"{ours}head/kernel", f"{theirs}head.fc.weight"))
-      rules.append(same(f"{ours}head/bias", f"{theirs}head.fc.bias"))
-  return rules
+def renumber_stages(arrays: Arrays) -> Arrays:
+  """timm's 0-based ``stages.{s}.blocks.{u}.`` -> 1-based, as our ``block{s}/unit{u}``."""
+  return {_STAGE.sub(lambda m: f"stages.{int(m[1]) + 1}.blocks.{int(m[2]) + 1}.", k): v
+          for k, v in arrays.items()}
 
 
-def bit_timm_rules(model: ResNet) -> list[Rule]:
-  """timm ``resnetv2_*_bit`` state dict <-> a "BiT-R..." model."""
-  return resnet_timm_rules(model.config)
+def unit_timm_rules(theirs: str, ours: str) -> tuple[Rule, ...]:
+  """timm ResNetV2 units (pre- or post-activation) under ``theirs`` -> ours under ``ours``."""
+  unit, o = f"{theirs}stages.{{s}}.blocks.{{u}}.", f"{ours}block{{s}}/unit{{u}}/"
+  return (
+      conv_kernel(f"{unit}conv{{k}}.weight", f"{o}conv{{k}}/kernel"),
+      *norm(f"{unit}norm{{k}}", f"{o}gn{{k}}"),
+      conv_kernel(f"{unit}downsample.conv.weight", f"{o}conv_proj/kernel"),
+      *norm(f"{unit}downsample.norm", f"{o}gn_proj"),
+  )
 
 
-def resnet_npz_rules(model: nnx.Module, ours: str = "resnet/") -> list[Rule]:
-  """The original hybrid npz names of the ResNet part: ours minus the ``resnet/`` prefix."""
-  return renamed(model, lambda p: p[len(ours):], skip=lambda p: not p.startswith(ours))
+def postact_timm_rules(theirs: str, ours: str) -> tuple[Rule, ...]:
+  """timm's post-activation ResNetV2 backbone of the hybrids (or its stem alone) -> ours."""
+  return (
+      conv_kernel(f"{theirs}stem.conv.weight", f"{ours}conv_root/kernel"),
+      *norm(f"{theirs}stem.norm", f"{ours}gn_root"),
+      conv_kernel(f"{theirs}conv.weight", f"{ours}conv_root/kernel"),  # a stem-only backbone
+      *norm(f"{theirs}norm", f"{ours}gn_root"),
+      *unit_timm_rules(theirs, ours),
+  )
+
+
+def infer_bit(arrays: Arrays) -> ModelSpec:
+  """The BiT ResNet a checkpoint (in model names) holds."""
+  if "conv_root/kernel" not in arrays or "gn_final/scale" not in arrays:
+    raise ValueError("not a BiT checkpoint: it has no 'conv_root/kernel' and 'gn_final/scale'")
+  layers = []
+  while units := {m[1] for k in arrays if (m := re.match(rf"block{len(layers) + 1}/unit(\d+)/", k))}:
+    layers.append(len(units))
+  _, _, channels, width = arrays["conv_root/kernel"].shape
+  depth = next((d for d, l in DEPTHS.items() if l == tuple(layers)), 50)
+  overrides: dict = {} if DEPTHS.get(depth) == tuple(layers) else {"layers": tuple(layers)}
+  if width % 64:
+    overrides["width"] = int(width)
+  if channels != 3:
+    overrides["channels"] = int(channels)
+  num_classes = int(arrays["head/bias"].shape[0]) if "head/bias" in arrays else 0
+  return ModelSpec(f"BiT-R{depth}x{max(1, width // 64)}", num_classes, 224, overrides)
+
+
+register_family(Family(name="BiT", model_type=ResNet, head="head", infer=infer_bit))
+
+TIMM_RULES = (
+    conv_kernel("stem.conv.weight", "conv_root/kernel"),
+    *unit_timm_rules("", ""),
+    *norm("norm", "gn_final"),
+    Rule("head.fc.weight", "head/kernel", load=conv1x1_as_dense, save=None),
+    Rule("head.fc.bias", "head/bias", load=bias, save=None),
+    Rule("{name:*}", "{name:*}", save=None),  # anything else is reported as unexpected
+)
+
+
+def detect_timm(keys: Collection[str]) -> bool:
+  return "stem.conv.weight" in keys and any(k.startswith("stages.") for k in keys)
+
+
+register_format(Format(family="BiT", name="timm", rules=TIMM_RULES, detect=detect_timm,
+                       containers=("safetensors", "torch"), prepare=renumber_stages))

@@ -31,7 +31,9 @@ def make_train_step(graphdef: nnx.GraphDef, task: Any, tx: optax.GradientTransfo
     if accum_steps == 1:
       (loss, metrics), grads = loss_and_grad(state.params, batch, rng)
     else:
-      micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+      # Strided microbatches (examples i, i+k, i+2k, ...): each stays spread over every device.
+      micro = jax.tree.map(
+          lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(carry, xs):
         i, mb = xs

@@ -135,7 +135,7 @@ def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
 
 
 def _meta(setup: Setup, step: int) -> dict:
-  return {"signature": setup.task.signature(), "step": step,
+  return {"signature": setup.task.signature(), "step": step, "dataset": setup.config.dataset,
           "examples_seen": step * setup.config.batch_size}
 
 
