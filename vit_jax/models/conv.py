@@ -106,7 +106,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: str | int) -> jax.
     pad = "VALID"
   else:
     raise ValueError(f"max_pool padding {padding!r} must be 'SAME' or an int")
-  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
                                (1, window, window, 1), (1, stride, stride, 1), pad)
 
 

@@ -21,8 +21,8 @@ from flax import nnx
 
 from vit_jax.models import registry
 from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, lecun_normal, zeros
+from vit_jax.models.vit import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Width, depth, token-mixing MLP width, channel-mixing MLP width (Mixer paper Table 1).
 VARIANTS: dict[str, dict[str, int]] = {

@@ -27,8 +27,8 @@ from flax import nnx
 from vit_jax.models import registry
 from vit_jax.models.conv import WS_STYLES, Conv, GroupNorm, conv_out_size, max_pool
 from vit_jax.models.layers import Dense, lecun_normal, zeros
+from vit_jax.models.vit import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PADDINGS = ("same", "symmetric")
 he_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 

@@ -23,8 +23,8 @@ from vit_jax.models import registry
 from vit_jax.models.attention import MultiHeadAttention
 from vit_jax.models.conv import Conv
 from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, dropout, param
+from vit_jax.models.vit import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 trunc_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
 
 # Outer width, inner (pixel) width, depth, outer heads, inner heads (timm tnt_{s,b}_patch16_224).

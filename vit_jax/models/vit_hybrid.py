@@ -6,9 +6,11 @@ transformer is ``vit.VisionTransformer`` itself (same ``embedding``, ``cls``, ``
 ``head``) with the feature map as its input image: patch size 1 for the R50 and R26 hybrids,
 8 for the stem-only "R+ViT-Ti/16".
 
-Names give the ResNet depth, the ViT variant and the total stride (ResNet stride x patch size):
-"R50+ViT-B/16" (3 stages of (3, 4, 9) units, stride 16), "R50+ViT-L/32" ((3, 4, 6, 3)),
-"R26+ViT-{S,B}/32" ((2, 2, 2, 2)), "R+ViT-Ti/16" (root only, patches 8).
+Names are the published ones: ResNet depth, ViT variant and "/N", which for the R50 and R26
+hybrids is the total stride (ResNet stride x patch size): "R50+ViT-B/16" (3 stages of (3, 4, 9)
+units), "R50+ViT-L/32" ((3, 4, 6, 3)), "R26+ViT-{S,B}/32" ((2, 2, 2, 2)); "R+ViT-Ti/16" (timm's
+``vit_tiny_r_s16_p8``) is the root alone (stride 4) with patches 8. Any ViT variant combines with
+these backbones (``BACKBONES``); ``resnet_layers=...`` with ``patch_size=...`` give any other.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vit_jax.models import registry
 from vit_jax.models.resnet import HYBRID_DEFAULTS, ResNet, ResNetConfig
 from vit_jax.models.vit import VARIANTS, ViTConfig, VisionTransformer
 
-# (ResNet depth, total stride) -> (units per stage, patch size on the feature map).
+# (ResNet depth in the name, "/N" of the name) -> (units per stage, patch size on the feature map).
 BACKBONES: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {
     ("50", 16): ((3, 4, 9), 1),
     ("50", 32): ((3, 4, 6, 3), 1),
@@ -69,7 +71,7 @@ def build_hybrid(depth: str, variant: str, stride: int, *, num_classes: int, ima
     layers, patch = BACKBONES[(depth, stride)]
   else:
     known = ", ".join(f"R{d}+ViT-*/{s}" for d, s in BACKBONES)
-    raise ValueError(f"no hybrid backbone for R{depth} at total stride {stride}; known: {known} "
+    raise ValueError(f"no hybrid backbone R{depth}+ViT-*/{stride}; known: {known} "
                      f"(or give resnet_layers=... and patch_size=...)")
   resnet_kwargs = {**HYBRID_DEFAULTS, "layers": layers,
                    "channels": overrides.pop("channels", 3),
@@ -102,5 +104,5 @@ registry.register_family(
     pattern=r"R(?P<depth>\d*)\+ViT-(?P<variant>Ti|S|B|L|H|g)[/_](?P<stride>\d+)",
     build=_build,
     examples=("R50+ViT-B/16", "R50+ViT-L/32", "R26+ViT-S/32", "R26+ViT-B/32", "R+ViT-Ti/16"),
-    help="R{50,26,}+ViT-<variant>/<total stride>: ResNet stem + ViT (original hybrids)",
+    help="R50+ViT-<variant>/{16,32}, R26+ViT-<variant>/32, R+ViT-<variant>/16: ResNet stem + ViT",
 )
