@@ -9,6 +9,7 @@ busy, and every script prints that verdict next to its figures.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import json
@@ -26,24 +27,50 @@ from typing import Any, Callable, Sequence
 MAX_LOAD_BEFORE_PER_CORE = 0.25
 MAX_FOREIGN_CPU_FRACTION = 0.05
 
-# XLA CPU flags measured to help (docs/benchmarks.md, "XLA flags"); ``apply_xla_preset`` adds them
-# to XLA_FLAGS before JAX is imported. Empty where no flag measured faster than the default.
-XLA_PRESETS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "cpu": (),
+# Speed presets (measured in docs/benchmarks.md, "CPU speed work"), applied by ``apply_preset``
+# before JAX is imported:
+#   cpu:  glibc keeps freed memory for reuse (vit_jax.host_memory: no page faults on XLA's
+#         per-step buffers), and XLA runs matmuls with its Eigen kernels while YNNPACK keeps the
+#         reductions and the fused attention (--xla_cpu_experimental_ynn_fusion_type=reduce).
+#         The XLA flags only touch the CPU backend.
+#   none: the libraries' defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {"xla_flags": (), "keep_freed_memory": False},
+    "cpu": {"xla_flags": ("--xla_cpu_experimental_ynn_fusion_type=reduce",), "keep_freed_memory": True},
 }
 
 
-def apply_xla_preset(name: str) -> None:
-  """Appends the preset's flags to ``XLA_FLAGS`` (call before importing jax)."""
-  if name not in XLA_PRESETS:
-    raise ValueError(f"XLA preset {name!r} is not one of {sorted(XLA_PRESETS)}")
-  if "jax" in sys.modules and XLA_PRESETS[name]:
-    raise RuntimeError("apply_xla_preset must run before jax is imported")
+def apply_preset(name: str) -> dict[str, Any]:
+  """Applies a speed preset to this process (call before importing jax, torch or numpy)."""
+  if name not in PRESETS:
+    raise ValueError(f"preset {name!r} is not one of {sorted(PRESETS)}")
+  preset = PRESETS[name]
+  if "jax" in sys.modules and preset["xla_flags"]:
+    raise RuntimeError("apply_preset must run before jax is imported")
   flags = os.environ.get("XLA_FLAGS", "").split()
-  flags += [f for f in XLA_PRESETS[name] if f not in flags]
+  flags += [f for f in preset["xla_flags"] if f not in flags]
   if flags:
     os.environ["XLA_FLAGS"] = " ".join(flags)
+  kept = False
+  if preset["keep_freed_memory"]:
+    from vit_jax import host_memory
+
+    kept = host_memory.keep_freed_memory()
+  return {"preset": name, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "keep_freed_memory": kept}
+
+
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+  """``["num_layers=2", "classifier='gap'", "scan=True"]`` -> a dict (values as Python literals)."""
+  options = {}
+  for item in items or []:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"model option {item!r} is not of the form key=value")
+    try:
+      options[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      options[key] = value  # a bare string such as classifier=gap
+  return options
 
 
 def load_average() -> tuple[float, float, float]:
@@ -89,15 +116,22 @@ class LoadMonitor:
     self.after = load_average()
 
   @property
+  def clean(self) -> bool:
+    """Other processes used (almost) no CPU during the measurement."""
+    return self.foreign_cpu_fraction <= MAX_FOREIGN_CPU_FRACTION
+
+  @property
+  def idle_before(self) -> bool:
+    return self.before[0] <= MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1)
+
+  @property
   def trusted(self) -> bool:
-    cores = os.cpu_count() or 1
-    return (self.before[0] <= MAX_LOAD_BEFORE_PER_CORE * cores
-            and self.foreign_cpu_fraction <= MAX_FOREIGN_CPU_FRACTION)
+    return self.idle_before and self.clean
 
   def report(self) -> dict[str, Any]:
     return {"loadavg_before": list(self.before), "loadavg_after": list(self.after),
             "foreign_cpu_fraction": round(self.foreign_cpu_fraction, 4),
-            "wall_s": round(self.wall_s, 2), "trusted": self.trusted}
+            "wall_s": round(self.wall_s, 2), "clean": self.clean, "trusted": self.trusted}
 
   def verdict(self) -> str:
     r = self.report()

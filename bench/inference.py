@@ -30,18 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--iters", type=int, default=10, help="timed calls per batch size (at least)")
   p.add_argument("--min-seconds", type=float, default=2.0, help="time each batch size at least this long")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--xla-preset", default="cpu", choices=sorted(harness.XLA_PRESETS),
-                 help="XLA flags preset (see bench/harness.py)")
+  p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
+                 help="speed preset: XLA flags and allocator (see bench/harness.py; default: %(default)s)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  harness.apply_xla_preset(args.xla_preset)
+  preset = harness.apply_preset(args.preset)
   from bench import workloads
 
-  options = workloads.parse_options(args.option)
+  options = harness.parse_options(args.option)
   if args.dtype != "float32":
     options["dtype"] = args.dtype
   rows = []
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(load.verdict())
   record = {"script": "inference", "model": args.model, "image_size": args.image_size,
             "dtype": args.dtype, "options": options, "results": rows, "load": load.report(),
-            "environment": harness.environment(device=workloads.device_kind())}
+            "preset": preset, "environment": harness.environment(device=workloads.device_kind())}
   harness.write_json(args.json, record)
   return record
 

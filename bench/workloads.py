@@ -5,7 +5,6 @@ Import this only after ``harness.apply_xla_preset`` (it imports jax).
 
 from __future__ import annotations
 
-import ast
 import time
 from typing import Any, Callable
 
@@ -13,21 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bench.harness import parse_options  # noqa: F401  (re-exported)
 from vit_jax import flops, models
-
-
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-  """``["num_layers=2", "classifier='gap'", "scan=True"]`` -> a dict (values as Python literals)."""
-  options = {}
-  for item in items or []:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"model option {item!r} is not of the form key=value")
-    try:
-      options[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      options[key] = value  # a bare string such as classifier=gap
-  return options
 
 
 def random_images(batch: int, image_size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -69,7 +55,7 @@ def jax_forward(name: str, *, batch: int, image_size: int = 224, num_classes: in
 
 
 def trainer_config(name: str, *, batch_size: int, image_size: int = 224, num_classes: int = 1000,
-                   options: dict[str, Any] | None = None, mesh: dict[str, int] | None = None,
+                   options: dict[str, Any] | None = None, mesh: str | None = None,
                    grad_clip_norm: float | None = None, label_smoothing: float = 0.0) -> Any:
   """The default config turned into a ``name`` run on synthetic data of this shape (AdamW)."""
   import ml_collections
@@ -85,7 +71,7 @@ def trainer_config(name: str, *, batch_size: int, image_size: int = 224, num_cla
   c.optimizer = ml_collections.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=1e-4,
                                                grad_clip_norm=grad_clip_norm))
   if mesh:
-    c.mesh = ml_collections.ConfigDict(mesh)
+    c.mesh = mesh  # a preset or sizes such as "data=2,fsdp=-1" (vit_jax.train.sharding)
   return c
 
 

@@ -31,8 +31,14 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
-  """GELU; exact (erf) by default as in PyTorch and timm, tanh form when ``approximate``."""
-  return jax.nn.gelu(x, approximate=approximate)
+  """GELU; exact (erf) by default as in PyTorch and timm, tanh form when ``approximate``.
+
+  The exact form is PyTorch's ``x / 2 * (1 + erf(x / sqrt(2)))``: on the CPU a ViT-Ti/16 train
+  step is about 5% faster than with ``jax.nn.gelu``'s erfc form (docs/benchmarks.md).
+  """
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 class Dense(nnx.Module):
