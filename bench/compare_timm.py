@@ -4,7 +4,7 @@
 
 Each measurement runs in its own fresh Python process that imports only its framework (JAX, or
 PyTorch + timm), pinned to the same ``--threads`` cores with the same thread count and the same
-allocator setting (``--preset cpu``: glibc keeps freed memory; it also adds XLA's CPU flags). Rounds
+host allocator (``--allocator``). Rounds
 alternate the order of the frameworks. The machine load is checked before and after every process;
 rounds disturbed by other work are flagged and the verdict printed. Workloads are
 ``mode:model:batch`` with mode ``fwd`` (inference, ``torch.inference_mode``) or ``train`` (forward,
@@ -87,7 +87,7 @@ def _import_timm():
 
 def run_worker(args: argparse.Namespace) -> dict:
   _pin_threads(args.threads)
-  preset = harness.apply_preset(args.preset)  # the same allocator setting for both frameworks
+  preset = harness.apply_preset(args.preset)
   mode, model, batch = parse_workload(args.workload)
   options = json.loads(args.options_json)
   if args.worker == "jax":
@@ -152,7 +152,7 @@ def _spawn(args: argparse.Namespace, framework: str, workload: str) -> tuple[dic
     kw = timm_vit_kwargs(model, args.image_size, args.num_classes, args.options)
     cmd += ["--timm-kwargs-json", json.dumps(kw)]
   # One real CPU device per worker, whatever the caller's XLA_FLAGS (tests force 8 fake ones).
-  env = dict(os.environ)
+  env = {**os.environ, **harness.allocator_env(args.allocator)}  # the same for both frameworks
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
   with harness.LoadMonitor() as load:
@@ -182,6 +182,7 @@ def run_driver(args: argparse.Namespace) -> dict:
   for f in frameworks:
     if f not in FRAMEWORKS:
       raise ValueError(f"framework {f!r} is not one of {FRAMEWORKS}")
+  harness.allocator_env(args.allocator)  # fails early if it is not installed
   if args.wait_idle:
     wait_for_idle(args.wait_idle)
   samples = {(w, f): [] for w in workloads for f in frameworks}
@@ -240,9 +241,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "num_layers, hidden_size, num_heads, mlp_dim)")
   p.add_argument("--iters", type=int, default=5, help="timed calls per process (at least)")
   p.add_argument("--min-seconds", type=float, default=3.0, help="time each process at least this long")
-  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
-                 help="speed preset: XLA flags and allocator (see bench/harness.py; default: %(default)s)")
+                 help="XLA flags preset (see bench/harness.py; default: %(default)s)")
+  p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
+                 help="host allocator: jemalloc reuses freed memory (see bench/harness.py)")
   p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                  help="first wait up to this long for the load average to fall")
   p.add_argument("--json", default=None, help="write the results here")

@@ -74,17 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--grad-clip-norm", type=float, default=None, help="add global-norm clipping")
   p.add_argument("--steps", type=int, default=5, help="timed steps (at least)")
   p.add_argument("--min-seconds", type=float, default=5.0, help="time at least this long")
-  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="peak TFLOP/s per device for MFU (default: from the device kind)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
-                 help="speed preset: XLA flags and allocator (see bench/harness.py; default: %(default)s)")
+                 help="XLA flags preset (see bench/harness.py; default: %(default)s)")
+  p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
+                 help="host allocator: jemalloc reuses freed memory (see bench/harness.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
+  harness.use_allocator(args.allocator)
   preset = harness.apply_preset(args.preset)
   import jax
 
