@@ -168,10 +168,11 @@ def _spawn(args: argparse.Namespace, framework: str, workload: str) -> tuple[dic
 
 
 def wait_for_idle(max_wait_s: float) -> None:
-  limit = harness.MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1)
+  """Waits (up to ``max_wait_s``) until the CPUs are idle for a whole probe."""
   deadline = time.monotonic() + max_wait_s
-  while harness.load_average()[0] > limit and time.monotonic() < deadline:
-    time.sleep(5)
+  while (harness.busy_fraction() > harness.MAX_BUSY_BEFORE_FRACTION
+         and time.monotonic() < deadline):
+    time.sleep(3)
 
 
 def run_driver(args: argparse.Namespace) -> dict:
@@ -187,7 +188,7 @@ def run_driver(args: argparse.Namespace) -> dict:
     wait_for_idle(args.wait_idle)
   samples = {(w, f): [] for w in workloads for f in frameworks}
   rounds_log = []
-  with harness.LoadMonitor() as total:
+  with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as total:
     for r in range(args.rounds):
       for w in workloads:
         order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
@@ -245,9 +246,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see bench/harness.py; default: %(default)s)")
   p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
-                 help="host allocator: jemalloc reuses freed memory (see bench/harness.py)")
+                 help="host allocator for both frameworks' processes: hugepages (glibc with transparent "
+                 "huge pages) or jemalloc (see bench/harness.py)")
   p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                 help="first wait up to this long for the load average to fall")
+                 help="first wait up to this long for the CPUs to go idle")
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
   p.add_argument("--workload", help=argparse.SUPPRESS)

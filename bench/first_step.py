@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
            "--workdir", os.path.join(tmp, "workdir")] + [f"--config.{o}" for o in args.override]
     lines: list[str] = []
     seconds, loss = None, None
-    with harness.LoadMonitor() as load:
+    with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
       start = time.perf_counter()
       proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, **harness.allocator_env(args.allocator)})

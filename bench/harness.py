@@ -2,9 +2,12 @@
 
 CPU figures are only meaningful on an otherwise idle machine: a single busy neighbour can slow a
 multi-threaded run several-fold (PyTorch's OpenMP pool by up to 10x). ``LoadMonitor`` records the
-1-minute load average before and after a measurement and the CPU time that processes other than
-this one (and its children) used meanwhile; ``trusted`` is False when either says the machine was
-busy, and every script prints that verdict next to its figures.
+1-minute load average before and after a measurement, samples how busy the CPUs are just before
+it starts, and counts the CPU time that processes other than this one (and its children) used
+meanwhile. ``trusted`` is False when any of them says the machine was busy, and every script
+prints that verdict next to its figures. The load average alone cannot decide it: on virtual
+machines it counts tasks that use no CPU (this project's 2-core box sits at 1.0-1.4 with its CPUs
+100% idle), and right after a benchmark process it still carries that process's own load.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-# The 1-minute load average before a run must be at most this (per core, from other work); the CPU
-# time used by other processes during it at most this fraction of the machine.
-MAX_LOAD_BEFORE_PER_CORE = 0.25
+# Trusted only if: the 1-minute load average before is at most this per core (more runnable
+# tasks than cores means contention); the CPUs were at most MAX_BUSY_BEFORE_FRACTION busy in the
+# IDLE_PROBE_S seconds before; other processes used at most MAX_FOREIGN_CPU_FRACTION of the
+# machine's CPU time during the measurement.
+MAX_LOAD_BEFORE_PER_CORE = 1.0
+MAX_BUSY_BEFORE_FRACTION = 0.05
+IDLE_PROBE_S = 2.0
 MAX_FOREIGN_CPU_FRACTION = 0.05
 
 # Speed presets (measured in docs/benchmarks.md, "CPU speed work"), applied by ``apply_preset``
@@ -38,14 +45,18 @@ PRESETS: dict[str, tuple[str, ...]] = {
 }
 
 # Host allocators. XLA's CPU client allocates a computation's temporary buffers when it starts and
-# frees them when it ends; with glibc each large buffer is a fresh mmap whose pages the kernel
-# zero-fills on first touch at every step (about 0.7 s of a ViT-Ti/16 batch-32 train step here).
-# jemalloc with purging disabled keeps freed pages for reuse. It must be loaded at process start
-# (LD_PRELOAD), so ``use_allocator`` re-executes the script; the price is a resident set that stays
-# at its peak (about 2x the default for that train step).
+# frees them when it ends; with glibc's defaults each large buffer is a fresh mmap whose 4 KiB
+# pages the kernel zero-fills on first touch at every step (about a fifth of a ViT-Ti/16
+# batch-32 train step here). Two remedies, selected for every process a script starts (the same
+# for JAX and PyTorch in compare_timm):
+#   hugepages: glibc backs large allocations with transparent huge pages
+#              (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35): 512x fewer page faults.
+#   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused; the price is
+#              a resident set that stays at its peak (about 2x the default for that train step).
+# Both must be set at process start, so ``use_allocator`` re-executes the script.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
-ALLOCATORS = ("default", "jemalloc")
+ALLOCATORS = ("default", "hugepages", "jemalloc")
 
 
 def apply_preset(name: str) -> dict[str, Any]:
@@ -59,7 +70,16 @@ def apply_preset(name: str) -> dict[str, Any]:
   if flags:
     os.environ["XLA_FLAGS"] = " ".join(flags)
   return {"preset": name, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-          "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default"}
+          "allocator": current_allocator()}
+
+
+def current_allocator() -> str:
+  """The allocator this process runs under (see ALLOCATORS)."""
+  if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
+    return "jemalloc"
+  if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+    return "hugepages"
+  return "default"
 
 
 def allocator_env(name: str) -> dict[str, str]:
@@ -68,10 +88,13 @@ def allocator_env(name: str) -> dict[str, str]:
     raise ValueError(f"allocator {name!r} is not one of {ALLOCATORS}")
   if name == "default":
     return {}
+  if name == "hugepages":
+    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
   path = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
   if path is None:
     raise ValueError(f"--allocator jemalloc: no libjemalloc.so.2 in {', '.join(JEMALLOC_PATHS)}; "
-                     "install it (Debian/Ubuntu: apt-get install libjemalloc2) or use --allocator default")
+                     "install it (Debian/Ubuntu: apt-get install libjemalloc2) or use --allocator "
+                     "default or hugepages")
   return {"LD_PRELOAD": path, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
@@ -120,16 +143,31 @@ def _own_seconds() -> float:
   return total
 
 
+def busy_fraction(seconds: float = IDLE_PROBE_S) -> float:
+  """How busy the machine's CPUs were over the next ``seconds`` (0 idle, 1 all cores busy)."""
+  busy0, t0 = _busy_seconds(), time.monotonic()
+  time.sleep(seconds)
+  return (_busy_seconds() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+
+
 @dataclasses.dataclass
 class LoadMonitor:
-  """``with LoadMonitor() as load: ...`` then ``load.report()``: was the machine idle meanwhile?"""
+  """``with LoadMonitor() as load: ...`` then ``load.report()``: was the machine idle meanwhile?
+
+  ``probe_s`` > 0 first samples how busy the CPUs are for that long (a driver does it once; the
+  workers it starts one after another only need the CPU time of other processes).
+  """
+  probe_s: float = 0.0
   before: tuple[float, float, float] | None = None
   after: tuple[float, float, float] | None = None
+  busy_before: float | None = None
   foreign_cpu_fraction: float | None = None
   wall_s: float | None = None
 
   def __enter__(self) -> "LoadMonitor":
     self.before = load_average()
+    if self.probe_s > 0:
+      self.busy_before = busy_fraction(self.probe_s)
     self._t0, self._busy0, self._own0 = time.monotonic(), _busy_seconds(), _own_seconds()
     return self
 
@@ -146,7 +184,9 @@ class LoadMonitor:
 
   @property
   def idle_before(self) -> bool:
-    return self.before[0] <= MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1)
+    load_ok = self.before[0] <= MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1)
+    busy_ok = self.busy_before is None or self.busy_before <= MAX_BUSY_BEFORE_FRACTION
+    return load_ok and busy_ok
 
   @property
   def trusted(self) -> bool:
@@ -154,18 +194,22 @@ class LoadMonitor:
 
   def report(self) -> dict[str, Any]:
     return {"loadavg_before": list(self.before), "loadavg_after": list(self.after),
+            "busy_before": None if self.busy_before is None else round(self.busy_before, 4),
             "foreign_cpu_fraction": round(self.foreign_cpu_fraction, 4),
             "wall_s": round(self.wall_s, 2), "clean": self.clean, "trusted": self.trusted}
 
   def verdict(self) -> str:
     r = self.report()
-    text = (f"load average before {r['loadavg_before'][0]:.2f}, after {r['loadavg_after'][0]:.2f}; "
-            f"other processes used {100 * r['foreign_cpu_fraction']:.1f}% of the CPUs meanwhile")
+    text = f"load average before {r['loadavg_before'][0]:.2f}, after {r['loadavg_after'][0]:.2f}; "
+    if r["busy_before"] is not None:
+      text += f"CPUs {100 * r['busy_before']:.1f}% busy just before; "
+    text += f"other processes used {100 * r['foreign_cpu_fraction']:.1f}% of the CPUs meanwhile"
     if self.trusted:
       return text + ": machine idle, figures trustworthy"
+    cores = os.cpu_count() or 1
     return (text + f": MACHINE BUSY, figures NOT trustworthy (want load before <= "
-            f"{MAX_LOAD_BEFORE_PER_CORE * (os.cpu_count() or 1):.2f} and <= "
-            f"{100 * MAX_FOREIGN_CPU_FRACTION:.0f}% foreign CPU)")
+            f"{MAX_LOAD_BEFORE_PER_CORE * cores:.2f}, <= {100 * MAX_BUSY_BEFORE_FRACTION:.0f}% busy "
+            f"before and <= {100 * MAX_FOREIGN_CPU_FRACTION:.0f}% foreign CPU)")
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 10,

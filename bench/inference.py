@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see bench/harness.py; default: %(default)s)")
   p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
-                 help="host allocator: jemalloc reuses freed memory (see bench/harness.py)")
+                 help="host allocator: hugepages or jemalloc (see bench/harness.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
   if args.dtype != "float32":
     options["dtype"] = args.dtype
   rows = []
-  with harness.LoadMonitor() as load:
+  with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
       run, info = workloads.jax_forward(args.model, batch=batch, image_size=args.image_size,
                                         num_classes=args.num_classes, options=options)

@@ -81,7 +81,7 @@ def run_driver(args: argparse.Namespace) -> dict:
       write_jpegs(root, num_images=args.num_images, width=args.width, height=args.height,
                   num_classes=args.num_classes)
       print(f"wrote {args.num_images} JPEGs ({args.width}x{args.height}) in {time.perf_counter() - t:.1f} s")
-    with harness.LoadMonitor() as load:
+    with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
       for cores in (int(c) for c in args.cores.split(",")):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker-cores", str(cores), "--root", root,
                "--image-size", str(args.image_size), "--batch", str(args.batch),

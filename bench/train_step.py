@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see bench/harness.py; default: %(default)s)")
   p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
-                 help="host allocator: jemalloc reuses freed memory (see bench/harness.py)")
+                 help="host allocator: hugepages or jemalloc (see bench/harness.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
   config = workloads.trainer_config(args.model, batch_size=args.batch, image_size=args.image_size,
                                     num_classes=args.num_classes, options=options,
                                     mesh=args.mesh, grad_clip_norm=args.grad_clip_norm)
-  with harness.LoadMonitor() as load:
+  with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
     run, info = workloads.jax_train_step(config)
     times = harness.summarize(harness.time_calls(run, warmup=args.warmup, iters=args.steps,
                                                  min_seconds=args.min_seconds))

@@ -50,11 +50,8 @@ class MultiHeadAttention(nnx.Module):
     self.weights = None
 
   def _heads(self, dense: Dense, x: jax.Array) -> jax.Array:
-    """Projects [..., T, D] straight into the heads-major layout [..., H, T, Dh]."""
-    y = jnp.einsum("...td,dhk->...htk", x.astype(self.dtype), dense.kernel[...].astype(self.dtype))
-    if dense.bias is not None:
-      y = y + dense.bias[...].astype(self.dtype)[:, None, :]
-    return y
+    """Projects [..., T, D] to the heads-major layout [..., H, T, Dh]."""
+    return jnp.swapaxes(dense(x), -2, -3)
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -74,7 +71,4 @@ class MultiHeadAttention(nnx.Module):
       self.weights = nnx.Intermediate(weights)
     weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
     y = jnp.einsum("...hqk,...hkd->...hqd", weights, v)
-    out = jnp.einsum("...hqd,hde->...qe", y, self.out.kernel[...].astype(self.dtype))
-    if self.out.bias is not None:
-      out = out + self.out.bias[...].astype(self.dtype)
-    return out
+    return self.out(jnp.swapaxes(y, -2, -3))

@@ -8,6 +8,7 @@ annotation is metadata only until the trainer places the state.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -60,13 +61,22 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
-    kernel = self.kernel[...].astype(self.dtype)
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel,
-        (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+    if x.shape[x.ndim - n_in:] != self.in_shape:
+      raise ValueError(f"Dense expects inputs ending in {self.in_shape}, got shape {x.shape}")
+    lead = x.shape[:x.ndim - n_in]
+    # One 2-D matmul over all leading axes: the gradient of the kernel is then a plain
+    # [in, rows] x [rows, out] product with no transposed copy of the activations (on the
+    # CPU about 15% off an MLP block's forward and backward pass, docs/benchmarks.md).
+    y = matmul_2d(x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)),
+                  self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), -1))
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+      y = y + self.bias[...].astype(self.dtype).reshape(-1)
+    return y.reshape(lead + self.out_shape)
+
+
+def matmul_2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel`` for 2-D operands."""
+  return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
 
 
 class LayerNorm(nnx.Module):
