@@ -61,14 +61,52 @@ class MultiHeadAttention(nnx.Module):
       q, k, v = self.query(x), self.key(context), self.value(context)  # [B, T, H, Dh]
       return self.out(jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
     # Heads-major einsums: on the CPU about 10% faster for a ViT-Ti/16 forward pass than
-    # jax.nn.dot_product_attention's XLA path, which turns the scores into a multiply-reduce
-    # (docs/benchmarks.md). Same arithmetic; weights in float32.
+    # jax.nn.dot_product_attention's XLA path, which turns the scores into a multiply-reduce.
     q = self._heads(self.query, x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
     k, v = self._heads(self.key, context), self._heads(self.value, context)
-    logits = jnp.einsum("...hqd,...hkd->...hqk", q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    if self.keep_weights:
-      self.weights = nnx.Intermediate(weights)
-    weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
-    y = jnp.einsum("...hqk,...hkd->...hqd", weights, v)
+    if needs_weights:
+      weights = attention_weights(q, k)
+      if self.keep_weights:
+        self.weights = nnx.Intermediate(weights)
+      weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
+      y = jnp.einsum("...qk,...kd->...qd", weights, v)
+    else:
+      y = dot_product_attention(q, k, v)
     return self.out(jnp.swapaxes(y, -2, -3))
+
+
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+  """softmax(q k^T) over the keys, for [..., T, Dh] queries and keys (softmax in float32)."""
+  logits = jnp.einsum("...qd,...kd->...qk", q, k)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+
+@jax.custom_vjp
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v for [..., T, Dh] operands (q already scaled), with a hand-written backward.
+
+  Differentiating the einsums automatically lets XLA pick transposed layouts for the backward
+  products once q, k and v come out of a heads-major transpose; on the CPU that made a ViT-Ti/16
+  attention's forward and backward pass about 45% slower than these explicit products
+  (docs/benchmarks.md). Same arithmetic as ``attention_weights`` followed by the weighted sum.
+  """
+  return jnp.einsum("...qk,...kd->...qd", attention_weights(q, k), v)
+
+
+def _attention_fwd(q, k, v):
+  weights = attention_weights(q, k)
+  return jnp.einsum("...qk,...kd->...qd", weights, v), (q, k, v, weights)
+
+
+def _attention_bwd(residuals, dy):
+  q, k, v, weights = residuals
+  dweights = jnp.einsum("...qd,...kd->...qk", dy, v).astype(jnp.float32)
+  w32 = weights.astype(jnp.float32)
+  dlogits = (w32 * (dweights - jnp.sum(dweights * w32, axis=-1, keepdims=True))).astype(q.dtype)
+  dq = jnp.einsum("...qk,...kd->...qd", dlogits, k)
+  dk = jnp.einsum("...qk,...qd->...kd", dlogits, q)
+  dv = jnp.einsum("...qk,...qd->...kd", weights, dy.astype(weights.dtype))
+  return dq, dk, dv
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
