@@ -20,16 +20,36 @@ def _fake_devices_from_argv() -> None:
       os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _xla_preset_from_argv() -> None:
+  # XLA reads XLA_FLAGS at the first jax import, before absl parses flags.
+  from vit_jax import xla_presets
+
+  name = "cpu"
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--xla_preset="):
+      name = arg.split("=", 1)[1]
+    elif arg == "--xla_preset" and i + 1 < len(sys.argv):
+      name = sys.argv[i + 1]
+  if name not in xla_presets.PRESETS:
+    sys.exit(f"--xla_preset {name!r} is not one of {sorted(xla_presets.PRESETS)}")
+  xla_presets.apply(name)
+
+
 _fake_devices_from_argv()
+_xla_preset_from_argv()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from vit_jax import xla_presets  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh without data and "
                              "print per-device memory, FLOPs and shardings; trains nothing.")
+flags.DEFINE_enum("xla_preset", "cpu", sorted(xla_presets.PRESETS),
+                  "XLA flags preset (vit_jax/xla_presets.py); 'cpu' touches only the CPU backend.")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: this many fake CPU devices.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "none"],
                                  "Multi-process start: auto-detect Cloud TPU / SLURM, explicit flags, or none.")

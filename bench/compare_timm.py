@@ -244,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--min-seconds", type=float, default=3.0, help="time each process at least this long")
   p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
-                 help="XLA flags preset (see bench/harness.py; default: %(default)s)")
+                 help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
   p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
                  help="host allocator for both frameworks' processes: hugepages (glibc with transparent "
                  "huge pages) or jemalloc (see bench/harness.py)")

@@ -25,6 +25,9 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from vit_jax import xla_presets  # noqa: E402  (imports no JAX)
+
 # Trusted only if: the 1-minute load average before is at most this per core (more runnable
 # tasks than cores means contention); the CPUs were at most MAX_BUSY_BEFORE_FRACTION busy in the
 # IDLE_PROBE_S seconds before; other processes used at most MAX_FOREIGN_CPU_FRACTION of the
@@ -34,15 +37,9 @@ MAX_BUSY_BEFORE_FRACTION = 0.05
 IDLE_PROBE_S = 2.0
 MAX_FOREIGN_CPU_FRACTION = 0.05
 
-# Speed presets (measured in docs/benchmarks.md, "CPU speed work"), applied by ``apply_preset``
-# before JAX is imported:
-#   cpu:  XLA runs matmuls with its Eigen kernels while YNNPACK keeps the reductions and the fused
-#         attention (--xla_cpu_experimental_ynn_fusion_type=reduce). Touches only the CPU backend.
-#   none: XLA's defaults.
-PRESETS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "cpu": ("--xla_cpu_experimental_ynn_fusion_type=reduce",),
-}
+# XLA flag presets live in the library (vit_jax/xla_presets.py), so train.py and the benchmarks share them.
+PRESETS = xla_presets.PRESETS
+
 
 # Host allocators. XLA's CPU client allocates a computation's temporary buffers when it starts and
 # frees them when it ends; with glibc's defaults each large buffer is a fresh mmap whose 4 KiB
@@ -60,17 +57,9 @@ ALLOCATORS = ("default", "hugepages", "jemalloc")
 
 
 def apply_preset(name: str) -> dict[str, Any]:
-  """Adds the preset's XLA flags to ``XLA_FLAGS`` (call before importing jax)."""
-  if name not in PRESETS:
-    raise ValueError(f"preset {name!r} is not one of {sorted(PRESETS)}")
-  if "jax" in sys.modules and PRESETS[name]:
-    raise RuntimeError("apply_preset must run before jax is imported")
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  flags += [f for f in PRESETS[name] if f not in flags]
-  if flags:
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-  return {"preset": name, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-          "allocator": current_allocator()}
+  """Adds the XLA preset's flags to ``XLA_FLAGS`` (call before importing jax)."""
+  flags = xla_presets.apply(name)
+  return {"preset": name, "XLA_FLAGS": flags, "allocator": current_allocator()}
 
 
 def current_allocator() -> str:

@@ -120,4 +120,13 @@ def main(names: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  import argparse
+
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("names", nargs="*", metavar="TIMM_NAME",
+                      help=f"models to check (default: all of {', '.join(MODELS)})")
+  args = parser.parse_args()
+  unknown = [n for n in args.names if n not in MODELS]
+  if unknown:
+    parser.error(f"unknown model {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+  sys.exit(main(args.names))

@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="peak TFLOP/s per device for MFU (default: from the device kind)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
-                 help="XLA flags preset (see bench/harness.py; default: %(default)s)")
+                 help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
   p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
                  help="host allocator: hugepages or jemalloc (see bench/harness.py)")
   p.add_argument("--json", default=None, help="write the results here")

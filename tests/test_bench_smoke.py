@@ -10,13 +10,18 @@ import pytest
 from vit_jax import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["inference", "train_step", "compare_timm", "input_pipeline"]
+SCRIPTS = ["inference", "train_step", "compare_timm", "input_pipeline", "first_step", "dry_run_memory",
+           "parity_full", "transfer_digits"]
 TINY = ["--image-size", "32", "--option", "num_layers=1"]
 
 
 def run_script(name, *args, timeout=120):
+  # One real CPU device, as a user runs them (the suite's conftest forces 8 fake ones).
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      f for f in os.environ.get("XLA_FLAGS", "").split()
+      if not f.startswith("--xla_force_host_platform_device_count")))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+                        capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -96,3 +101,21 @@ def test_input_pipeline(tmp_path):
   assert row["cores"] == 1 and row["img_per_s"] > 0
   assert record["runs"][0]["batch_shape"] == [4, 32, 32, 3]
   check_load_record(record["load"])
+
+
+def test_first_step(tmp_path):
+  out = tmp_path / "first_step.json"
+  stdout = run_script("first_step", "--override", "model.name=ViT-Ti/16", "--num-images", "8",
+                      "--json", str(out), timeout=180)
+  assert "first step logged" in stdout
+  record = read_json(out)
+  assert 0 < record["seconds_to_first_step"] < 180
+  check_load_record(record["load"])
+
+
+def test_dry_run_memory(tmp_path):
+  out = tmp_path / "dry_run.json"
+  run_script("dry_run_memory", "--model", "ViT-Ti/16", "--batch", "2", "--image_size", "32",
+             "--json", str(out))
+  record = read_json(out)
+  assert record["predicted_bytes"] > 0 and record["measured_peak_bytes"] > 0

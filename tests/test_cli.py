@@ -109,6 +109,7 @@ def test_sigkill_and_restart_ends_bit_equal(tmp_path):
     ("--config.pp_train=decode|blur(3)", r"unknown preprocessing op 'blur'.*valid ops.*flip_lr"),
     ("--config.dataset=no_such_dataset", r"unknown dataset 'no_such_dataset'"),
     ("--config.image_size=16", r"images of shape \(64, 8, 8, 1\) do not fit this model"),
+    ("--xla_preset=fastest", r"--xla_preset 'fastest' is not one of \['cpu', 'none'\]"),
 ])
 def test_bad_input_exits_with_a_clear_message(tmp_path, flag, message):
   out = run(train_cmd(tmp_path, flag, "--config.total_steps=2"))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.kernels import cpu_matmul
 from vit_jax.models.layers import Dense, dropout, xavier_uniform
 
 IMPLEMENTATIONS = ("xla", "cudnn", "explicit")
@@ -86,26 +87,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
   """softmax(q k^T) v for [..., T, Dh] operands (q already scaled), with a hand-written backward.
 
   Differentiating the einsums automatically lets XLA pick transposed layouts for the backward
-  products once q, k and v come out of a heads-major transpose; on the CPU that made a ViT-Ti/16
-  attention's forward and backward pass about 45% slower than these explicit products
-  (docs/benchmarks.md). Same arithmetic as ``attention_weights`` followed by the weighted sum.
+  products once q, k and v come out of a heads-major transpose (on the CPU that made a ViT-Ti/16
+  attention's forward and backward pass about 45% slower). The products go through
+  ``cpu_matmul.matmul``: on the CPU a BLAS kernel spread over the cores, elsewhere an einsum.
   """
-  return jnp.einsum("...qk,...kd->...qd", attention_weights(q, k), v)
+  return _attention_fwd(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v):
-  weights = attention_weights(q, k)
-  return jnp.einsum("...qk,...kd->...qd", weights, v), (q, k, v, weights)
+  logits = cpu_matmul.matmul(q, k, trans_b=True)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return cpu_matmul.matmul(weights, v), (q, k, v, weights)
 
 
 def _attention_bwd(residuals, dy):
   q, k, v, weights = residuals
-  dweights = jnp.einsum("...qd,...kd->...qk", dy, v).astype(jnp.float32)
+  dy = dy.astype(weights.dtype)
+  dweights = cpu_matmul.matmul(dy, v, trans_b=True).astype(jnp.float32)
   w32 = weights.astype(jnp.float32)
   dlogits = (w32 * (dweights - jnp.sum(dweights * w32, axis=-1, keepdims=True))).astype(q.dtype)
-  dq = jnp.einsum("...qk,...kd->...qd", dlogits, k)
-  dk = jnp.einsum("...qk,...qd->...kd", dlogits, q)
-  dv = jnp.einsum("...qk,...qd->...kd", weights, dy.astype(weights.dtype))
+  dq = cpu_matmul.matmul(dlogits, k)
+  dk = cpu_matmul.matmul(dlogits, q, trans_a=True)
+  dv = cpu_matmul.matmul(weights, dy, trans_a=True)
   return dq, dk, dv
 
 

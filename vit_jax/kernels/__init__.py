@@ -1,0 +1,1 @@
+"""Hand-written kernels that XLA's own code generation does not match (loaded only where used)."""
