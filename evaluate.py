@@ -10,6 +10,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from vit_jax import host_memory  # noqa: E402  (imports no JAX)
+
+host_memory.retain_freed_memory()  # before JAX starts its threads (vit_jax/host_memory.py)
+
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

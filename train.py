@@ -9,39 +9,42 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _fake_devices_from_argv() -> None:
-  # XLA reads the host device count once, at the first jax import: set it before that.
+def _argv_value(name: str) -> str | None:
+  """The value of ``--name=V`` or ``--name V`` in sys.argv, before absl parses the flags."""
   for i, arg in enumerate(sys.argv):
-    value = arg.split("=", 1)[1] if arg.startswith("--fake_devices=") else (
-        sys.argv[i + 1] if arg == "--fake_devices" and i + 1 < len(sys.argv) else None)
-    if value:
-      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                 f" --xla_force_host_platform_device_count={int(value)}").strip()
-      os.environ["JAX_PLATFORMS"] = "cpu"
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+  return None
 
 
-def _xla_preset_from_argv() -> None:
-  # XLA reads XLA_FLAGS at the first jax import, before absl parses flags.
-  from vit_jax import xla_presets
+def _prepare_process() -> None:
+  # XLA reads XLA_FLAGS (the preset, the host device count) once, at the first jax import, and glibc
+  # arenas are made as threads start: both must be set up before jax is imported.
+  from vit_jax import host_memory, xla_presets
 
-  name = "cpu"
-  for i, arg in enumerate(sys.argv):
-    if arg.startswith("--xla_preset="):
-      name = arg.split("=", 1)[1]
-    elif arg == "--xla_preset" and i + 1 < len(sys.argv):
-      name = sys.argv[i + 1]
-  if name not in xla_presets.PRESETS:
-    sys.exit(f"--xla_preset {name!r} is not one of {sorted(xla_presets.PRESETS)}")
-  xla_presets.apply(name)
+  fake_devices = _argv_value("fake_devices")
+  if fake_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={int(fake_devices)}").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  preset = _argv_value("xla_preset") or "cpu"
+  if preset not in xla_presets.PRESETS:
+    sys.exit(f"--xla_preset {preset!r} is not one of {sorted(xla_presets.PRESETS)}")
+  xla_presets.apply(preset)
+  policy = _argv_value("host_memory") or "retain"
+  if policy not in host_memory.POLICIES:
+    sys.exit(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
+  host_memory.apply(policy)
 
 
-_fake_devices_from_argv()
-_xla_preset_from_argv()
+_prepare_process()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from vit_jax import xla_presets  # noqa: E402
+from vit_jax import host_memory, xla_presets  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py[:ARG]).",
                                           lock_config=True)
@@ -50,6 +53,9 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the m
                              "print per-device memory, FLOPs and shardings; trains nothing.")
 flags.DEFINE_enum("xla_preset", "cpu", sorted(xla_presets.PRESETS),
                   "XLA flags preset (vit_jax/xla_presets.py); 'cpu' touches only the CPU backend.")
+flags.DEFINE_enum("host_memory", "retain", list(host_memory.POLICIES),
+                  "retain: keep host memory that XLA frees for the next step (no page faults per step; "
+                  "the resident set stays at its peak; vit_jax/host_memory.py). release: glibc's defaults.")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: this many fake CPU devices.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "none"],
                                  "Multi-process start: auto-detect Cloud TPU / SLURM, explicit flags, or none.")

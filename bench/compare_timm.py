@@ -141,7 +141,13 @@ def run_worker(args: argparse.Namespace) -> dict:
 # Driver: alternating rounds of fresh workers.
 
 
-def _spawn(args: argparse.Namespace, framework: str, workload: str) -> tuple[dict | None, dict]:
+def spawn_worker(args: argparse.Namespace, framework: str, workload: str,
+                 extra_env: dict[str, str] | None = None) -> tuple[dict, dict]:
+  """Runs one measurement in a fresh process; returns its result and the machine-load report.
+
+  ``args`` carries the driver's settings (see ``parse_args``); ``extra_env`` is added to the
+  worker's environment.
+  """
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--workload", workload,
          "--threads", str(args.threads), "--image-size", str(args.image_size),
          "--num-classes", str(args.num_classes), "--iters", str(args.iters),
@@ -152,9 +158,10 @@ def _spawn(args: argparse.Namespace, framework: str, workload: str) -> tuple[dic
     kw = timm_vit_kwargs(model, args.image_size, args.num_classes, args.options)
     cmd += ["--timm-kwargs-json", json.dumps(kw)]
   # One real CPU device per worker, whatever the caller's XLA_FLAGS (tests force 8 fake ones).
-  env = {**os.environ, **harness.allocator_env(args.allocator)}  # the same for both frameworks
+  env = harness.process_env(args.allocator)  # the same for both frameworks
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if not f.startswith("--xla_force_host_platform_device_count"))
+  env.update(extra_env or {})
   with harness.LoadMonitor() as load:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
   result = None
@@ -193,7 +200,7 @@ def run_driver(args: argparse.Namespace) -> dict:
       for w in workloads:
         order = frameworks[r % len(frameworks):] + frameworks[:r % len(frameworks)]
         for f in order:
-          result, load = _spawn(args, f, w)
+          result, load = spawn_worker(args, f, w)
           samples[(w, f)].append(result["img_per_s"])
           rounds_log.append({"round": r, "workload": w, "framework": f, "img_per_s": result["img_per_s"],
                              "setup_s": result["setup_s"], "load": load, "versions": result["versions"]})
@@ -245,9 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
-  p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
-                 help="host allocator for both frameworks' processes: hugepages (glibc with transparent "
-                 "huge pages) or jemalloc (see bench/harness.py)")
+  p.add_argument("--allocator", default="retain", choices=harness.ALLOCATORS,
+                 help="host allocator for both frameworks' processes (see bench/harness.py; default: "
+                 "%(default)s, as train.py)")
   p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                  help="first wait up to this long for the CPUs to go idle")
   p.add_argument("--json", default=None, help="write the results here")

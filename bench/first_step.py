@@ -32,8 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="config file taking the image folder as its argument (default: %(default)s)")
   p.add_argument("--override", action="append", metavar="KEY=VALUE", default=[],
                  help="extra --config.KEY=VALUE for train.py, repeatable (e.g. model.scan=True)")
-  p.add_argument("--allocator", default="default", choices=harness.ALLOCATORS,
-                 help="host allocator for train.py (see bench/harness.py)")
   p.add_argument("--num-images", type=int, default=32, help="JPEGs per split")
   p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
   p.add_argument("--json", default=None, help="write the results here")
@@ -57,8 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds, loss = None, None
     with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
       start = time.perf_counter()
-      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, **harness.allocator_env(args.allocator)})
+      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       try:
         for line in proc.stdout:
           lines.append(line.rstrip())

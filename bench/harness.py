@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vit_jax import xla_presets  # noqa: E402  (imports no JAX)
+from vit_jax import host_memory, xla_presets  # noqa: E402  (neither imports JAX)
 
 # Trusted only if: the 1-minute load average before is at most this per core (more runnable
 # tasks than cores means contention); the CPUs were at most MAX_BUSY_BEFORE_FRACTION busy in the
@@ -41,19 +41,19 @@ MAX_FOREIGN_CPU_FRACTION = 0.05
 PRESETS = xla_presets.PRESETS
 
 
-# Host allocators. XLA's CPU client allocates a computation's temporary buffers when it starts and
-# frees them when it ends; with glibc's defaults each large buffer is a fresh mmap whose 4 KiB
-# pages the kernel zero-fills on first touch at every step (about a fifth of a ViT-Ti/16
-# batch-32 train step here). Two remedies, selected for every process a script starts (the same
-# for JAX and PyTorch in compare_timm):
+# Host allocators, selected for every process a script starts (the same for JAX and PyTorch in
+# compare_timm). XLA's CPU client allocates a computation's temporaries when it starts and frees
+# them when it ends; glibc's defaults hand each large block back to the kernel, whose 4 KiB pages
+# are then zero-filled again on first touch at every step (vit_jax/host_memory.py).
+#   retain:    what train.py does (vit_jax.host_memory): glibc keeps freed memory for reuse.
+#   glibc:     glibc's defaults.
 #   hugepages: glibc backs large allocations with transparent huge pages
 #              (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35): 512x fewer page faults.
-#   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused; the price is
-#              a resident set that stays at its peak (about 2x the default for that train step).
-# Both must be set at process start, so ``use_allocator`` re-executes the script.
+#   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused.
+# All are set at process start, so ``use_allocator`` re-executes the script.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
-ALLOCATORS = ("default", "hugepages", "jemalloc")
+ALLOCATORS = ("retain", "glibc", "hugepages", "jemalloc")
 
 
 def apply_preset(name: str) -> dict[str, Any]:
@@ -68,14 +68,18 @@ def current_allocator() -> str:
     return "jemalloc"
   if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
     return "hugepages"
-  return "default"
+  if all(os.environ.get(k) == v for k, v in host_memory.RETAIN_ENV.items()):
+    return "retain"
+  return "glibc"
 
 
 def allocator_env(name: str) -> dict[str, str]:
   """Environment variables that select the host allocator ``name`` for a new process."""
   if name not in ALLOCATORS:
     raise ValueError(f"allocator {name!r} is not one of {ALLOCATORS}")
-  if name == "default":
+  if name == "retain":
+    return dict(host_memory.RETAIN_ENV)
+  if name == "glibc":
     return {}
   if name == "hugepages":
     return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -83,16 +87,23 @@ def allocator_env(name: str) -> dict[str, str]:
   if path is None:
     raise ValueError(f"--allocator jemalloc: no libjemalloc.so.2 in {', '.join(JEMALLOC_PATHS)}; "
                      "install it (Debian/Ubuntu: apt-get install libjemalloc2) or use --allocator "
-                     "default or hugepages")
+                     "retain, glibc or hugepages")
   return {"LD_PRELOAD": path, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+
+
+def process_env(name: str) -> dict[str, str]:
+  """This process's environment with the host allocator ``name`` instead of the current one."""
+  others = set(host_memory.RETAIN_ENV) | {"GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"}
+  env = {k: v for k, v in os.environ.items() if k not in others}
+  env.update(allocator_env(name))
+  return env
 
 
 def use_allocator(name: str) -> None:
   """Re-executes this script under allocator ``name`` unless it already runs under it."""
-  env = allocator_env(name)
-  if all(os.environ.get(k) == v for k, v in env.items()):
-    return
-  os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **env})
+  allocator_env(name)  # fails early if it is not installed
+  if current_allocator() != name:
+    os.execve(sys.executable, [sys.executable] + sys.argv, process_env(name))
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

@@ -137,3 +137,26 @@ def test_dropout_needs_rngs_and_is_deterministic_for_a_key():
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   np.testing.assert_array_equal(model.encode(x), model.encode(x))
+
+
+def test_attention_implementations_agree_and_bad_name_fails():
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  labels = jax.nn.one_hot(jnp.array([1, 4]), 5)
+  outputs, grads = {}, {}
+  for impl in ("explicit", "xla"):
+    model = models.create("ViT-Ti/4", num_classes=5, image_size=16, num_layers=2, attention=impl)
+    # A random head, so that the gradients reach the attention.
+    model.head.kernel[...] = jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+      logits = nnx.merge(graphdef, p)(images)
+      return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+    outputs[impl] = nnx.merge(graphdef, params)(images)
+    grads[impl] = jax.grad(loss)(params)
+  np.testing.assert_allclose(outputs["xla"], outputs["explicit"], rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads["xla"]), jax.tree.leaves(grads["explicit"])):
+    # (+1e-5: the key bias has an exact gradient of zero, so both give rounding noise there)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want) + 1e-5
+  with pytest.raises(ValueError, match=r"attention implementation 'flash' is not one of \('explicit', 'xla', 'cudnn'\)"):
+    models.create("ViT-Ti/4", num_classes=5, image_size=16, num_layers=1, attention="flash")

@@ -54,7 +54,7 @@ class TNTConfig:
   stochastic_depth: float = 0.0
   dtype: str = "float32"
   gelu_approximate: bool = False
-  attention: str = "xla"
+  attention: str = "explicit"
   layernorm_eps: float = 1e-5
 
   def __post_init__(self):

@@ -55,7 +55,7 @@ class ViTConfig:
   stochastic_depth: float = 0.0
   dtype: str = "float32"
   gelu_approximate: bool = False
-  attention: str = "xla"
+  attention: str = "explicit"
   layernorm_eps: float = 1e-6
   scan: bool = False
   remat: str = "none"
