@@ -143,6 +143,17 @@ def _own_seconds() -> float:
   return total
 
 
+def page_faults() -> int:
+  """Page faults (minor and major) this process has taken so far."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_minflt + r.ru_majflt
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set (host memory) so far."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def busy_fraction(seconds: float = IDLE_PROBE_S) -> float:
   """How busy the machine's CPUs were over the next ``seconds`` (0 idle, 1 all cores busy)."""
   busy0, t0 = _busy_seconds(), time.monotonic()

@@ -7,7 +7,9 @@
 The batch is created once and placed on the devices, so the figure is the step alone. Reports
 images/s, step time, MFU (analytic training FLOPs, 3x forward, over the devices' peak; see
 PEAK_TFLOPS, or give --peak-tflops), memory (XLA's static analysis; the allocator's peak where the
-device reports it) and compile time, with the machine-load verdict.
+device reports it; the host's peak resident set), host page faults per step and compile time, with
+the machine-load verdict. On the CPU the peak is the nominal one from /proc/cpuinfo's clock: a CPU
+that boosts above it can show an MFU near or above 1.
 """
 
 from __future__ import annotations
@@ -105,8 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
                                     mesh=args.mesh, grad_clip_norm=args.grad_clip_norm)
   with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
     run, info = workloads.jax_train_step(config)
-    times = harness.summarize(harness.time_calls(run, warmup=args.warmup, iters=args.steps,
-                                                 min_seconds=args.min_seconds))
+    harness.time_calls(run, warmup=args.warmup, iters=0)
+    faults = harness.page_faults()
+    step_times = harness.time_calls(run, iters=args.steps, min_seconds=args.min_seconds, warmup=0)
+    faults = (harness.page_faults() - faults) / len(step_times)
+    times = harness.summarize(step_times)
   device = jax.local_devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, device.platform, args.dtype)
   achieved = info["train_flops_per_image"] * args.batch / times["median"]
@@ -116,14 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
          "img_per_s": args.batch / times["median"], "step_ms": 1e3 * times["median"],
          "spread": times["spread"], "tflop_per_s": achieved / 1e12,
          "mfu": achieved / (peak * 1e12 * info["num_devices"]) if peak else None,
-         "compile_s": info["compile_s"],
+         "compile_s": info["compile_s"], "page_faults_per_step": faults,
+         "host_peak_rss_mib": harness.peak_rss_bytes() / 2**20,
          "static_peak_mib": mem.get("static_peak_bytes", 0) / 2**20,
          "device_peak_mib": mem["device_peak_bytes"] / 2**20 if "device_peak_bytes" in mem else None}
   print(f"train step on {info['num_devices']} x {workloads.device_kind()} "
         f"(peak {peak if peak else '?'} TFLOP/s per device)")
   print(harness.format_table([row], ["model", "batch", "dtype", "remat", "scan", "mesh", "img_per_s",
-                                     "step_ms", "spread", "mfu", "compile_s", "static_peak_mib",
-                                     "device_peak_mib"]))
+                                     "step_ms", "spread", "mfu", "compile_s", "page_faults_per_step",
+                                     "host_peak_rss_mib", "static_peak_mib", "device_peak_mib"]))
   print(load.verdict())
   record = {"script": "train_step", "args": vars(args), "options": options, "result": row,
             "times_s": times, "memory": mem, "peak_tflops_per_device": peak,

@@ -10,8 +10,8 @@ import pytest
 from vit_jax import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["inference", "train_step", "compare_timm", "input_pipeline", "first_step", "dry_run_memory",
-           "parity_full", "transfer_digits"]
+SCRIPTS = ["inference", "train_step", "compare_timm", "ablations", "input_pipeline", "first_step",
+           "flops_table", "dry_run_memory", "parity_full", "transfer_digits"]
 TINY = ["--image-size", "32", "--option", "num_layers=1"]
 
 
@@ -63,7 +63,8 @@ def test_train_step(tmp_path):
   row = record["result"]
   assert row["img_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
   assert 0 < row["mfu"] < 1
-  assert row["static_peak_mib"] > 0
+  assert row["static_peak_mib"] > 0 and row["host_peak_rss_mib"] > 0 and row["page_faults_per_step"] >= 0
+  assert record["preset"]["allocator"] == "retain"
   assert record["train_flops_per_image"] == flops.train_flops("ViT-Ti/16", 32, 1000, num_layers=1)
   check_load_record(record["load"])
 
@@ -84,6 +85,33 @@ def test_compare_timm(tmp_path):
       assert row["ratio_vs_timm"] == 1.0
   assert len(record["runs"]) == 4 and isinstance(record["trusted"], bool)
   check_load_record(record["load"])
+
+
+def test_ablations(tmp_path):
+  out = tmp_path / "ablations.json"
+  stdout = run_script("ablations", "--rounds", "1", *TINY, "--workloads", "train:ViT-Ti/16:2",
+                      "--variants", "shipped,xla_attention", "--iters", "2", "--min-seconds", "0",
+                      "--warmup", "1", "--micro-rounds", "1", "--micro-iters", "1", "--micro-batch", "1",
+                      "--json", str(out), timeout=240)
+  assert "shipped_speedup" in stdout
+  record = read_json(out)
+  assert [(r["workload"], r["variant"]) for r in record["results"]] == [
+      ("train:ViT-Ti/16:2", "shipped"), ("train:ViT-Ti/16:2", "xla_attention")]
+  assert record["results"][0]["shipped_speedup"] == 1.0
+  cases = {r["case"] for r in record["micro"]["rows"]}
+  assert cases == {"gelu (erf form)", "MLP block (Dense layout)", "attention block"}
+  assert all(r["ms"] > 0 for r in record["micro"]["rows"])
+
+
+def test_flops_table(tmp_path):
+  out = tmp_path / "flops.json"
+  run_script("flops_table", "--models", "ViT-Ti/16@32", "--json", str(out))
+  record = read_json(out)
+  (row,) = record["forward"]
+  assert row["gflops"] * 1e9 == flops.forward_flops("ViT-Ti/16", 32, 1000)
+  assert 1.0 < row["xla_over_analytic"] < 1.2  # XLA also counts norms, GELU, softmax, additions
+  table6 = {(r["model"], r["epochs"]): r["exaflops"] for r in record["paper_table6"]}
+  assert table6[("ViT-L/16", 14)] == pytest.approx(1567, rel=0.02)
 
 
 def test_compare_timm_rejects_bad_workload():
