@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from vit_jax import host_memory  # noqa: E402  (imports no JAX)
 
-host_memory.retain_freed_memory()  # before JAX starts its threads (vit_jax/host_memory.py)
+host_memory.use_huge_pages()  # may re-execute this program: before anything else (vit_jax/host_memory.py)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -20,10 +20,14 @@ def _argv_value(name: str) -> str | None:
 
 
 def _prepare_process() -> None:
-  # XLA reads XLA_FLAGS (the preset, the host device count) once, at the first jax import, and glibc
-  # arenas are made as threads start: both must be set up before jax is imported.
+  # glibc reads its tunables at process start (host_memory may re-execute this program) and XLA
+  # reads XLA_FLAGS (the preset, the host device count) at the first jax import.
   from vit_jax import host_memory, xla_presets
 
+  policy = _argv_value("host_memory") or "hugepages"
+  if policy not in host_memory.POLICIES:
+    sys.exit(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
+  host_memory.apply(policy)
   fake_devices = _argv_value("fake_devices")
   if fake_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -33,10 +37,6 @@ def _prepare_process() -> None:
   if preset not in xla_presets.PRESETS:
     sys.exit(f"--xla_preset {preset!r} is not one of {sorted(xla_presets.PRESETS)}")
   xla_presets.apply(preset)
-  policy = _argv_value("host_memory") or "retain"
-  if policy not in host_memory.POLICIES:
-    sys.exit(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
-  host_memory.apply(policy)
 
 
 _prepare_process()
@@ -53,9 +53,10 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the m
                              "print per-device memory, FLOPs and shardings; trains nothing.")
 flags.DEFINE_enum("xla_preset", "cpu", sorted(xla_presets.PRESETS),
                   "XLA flags preset (vit_jax/xla_presets.py); 'cpu' touches only the CPU backend.")
-flags.DEFINE_enum("host_memory", "retain", list(host_memory.POLICIES),
-                  "retain: keep host memory that XLA frees for the next step (no page faults per step; "
-                  "the resident set stays at its peak; vit_jax/host_memory.py). release: glibc's defaults.")
+flags.DEFINE_enum("host_memory", "hugepages", list(host_memory.POLICIES),
+                  "hugepages: back the large blocks XLA allocates at every step with transparent huge pages "
+                  "(restarts the process with a glibc tunable; vit_jax/host_memory.py). release: glibc's "
+                  "defaults.")
 _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", None, "With --dry_run: this many fake CPU devices.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "none"],
                                  "Multi-process start: auto-detect Cloud TPU / SLURM, explicit flags, or none.")

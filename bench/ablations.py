@@ -4,8 +4,8 @@
 
 Whole steps: the workloads of ``compare_timm.py`` (``mode:model:batch``) with JAX, each variant in
 its own fresh process, the order rotated every round:
-  shipped          the library as it is (train.py's defaults: XLA preset ``cpu``, retained host memory)
-  release_memory   ``--allocator glibc``: host memory goes back to the kernel after every step
+  shipped          the library as it is (train.py's defaults: XLA preset ``cpu``, huge pages)
+  no_huge_pages    ``--allocator glibc``: XLA's per-step temporaries on 4 KiB pages
                    (vit_jax/host_memory.py)
   no_blas_kernel   ``VIT_JAX_CPU_MATMUL=xla``: attention's products on XLA's dot instead of the
                    batched BLAS kernel (vit_jax/kernels/cpu_matmul.py)
@@ -35,7 +35,7 @@ from bench import compare_timm, harness  # noqa: E402
 # name -> (changes to compare_timm's arguments, extra environment)
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "shipped": ({}, {}),
-    "release_memory": ({"allocator": "glibc"}, {}),
+    "no_huge_pages": ({"allocator": "glibc"}, {}),
     "no_blas_kernel": ({}, {"VIT_JAX_CPU_MATMUL": "xla"}),
     "preset_none": ({"preset": "none"}, {}),
     "xla_attention": ({"options": {"attention": "xla"}}, {}),
@@ -177,7 +177,7 @@ def run_driver(args: argparse.Namespace) -> dict:
                 f"(foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%)", flush=True)
     micro = None
     if args.micro_rounds:
-      env = harness.process_env("retain")
+      env = harness.process_env("hugepages")
       env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                                   if not f.startswith("--xla_force_host_platform_device_count"))
       cmd = [sys.executable, os.path.abspath(__file__), "--micro", "--micro-rounds", str(args.micro_rounds),

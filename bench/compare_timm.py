@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
-  p.add_argument("--allocator", default="retain", choices=harness.ALLOCATORS,
+  p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS,
                  help="host allocator for both frameworks' processes (see bench/harness.py; default: "
                  "%(default)s, as train.py)")
   p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",

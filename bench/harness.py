@@ -43,17 +43,17 @@ PRESETS = xla_presets.PRESETS
 
 # Host allocators, selected for every process a script starts (the same for JAX and PyTorch in
 # compare_timm). XLA's CPU client allocates a computation's temporaries when it starts and frees
-# them when it ends; glibc's defaults hand each large block back to the kernel, whose 4 KiB pages
-# are then zero-filled again on first touch at every step (vit_jax/host_memory.py).
-#   retain:    what train.py does (vit_jax.host_memory): glibc keeps freed memory for reuse.
+# them when it ends; glibc hands each large block back to the kernel, whose 4 KiB pages are then
+# zero-filled again on first touch at every step (vit_jax/host_memory.py).
+#   hugepages: what train.py does (vit_jax.host_memory): glibc backs large allocations with
+#              transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35).
 #   glibc:     glibc's defaults.
-#   hugepages: glibc backs large allocations with transparent huge pages
-#              (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35): 512x fewer page faults.
-#   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused.
+#   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused; the price is
+#              a resident set that stays at its peak.
 # All are set at process start, so ``use_allocator`` re-executes the script.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
-ALLOCATORS = ("retain", "glibc", "hugepages", "jemalloc")
+ALLOCATORS = ("hugepages", "glibc", "jemalloc")
 
 
 def apply_preset(name: str) -> dict[str, Any]:
@@ -66,10 +66,8 @@ def current_allocator() -> str:
   """The allocator this process runs under (see ALLOCATORS)."""
   if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
     return "jemalloc"
-  if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+  if host_memory.huge_pages_active():
     return "hugepages"
-  if all(os.environ.get(k) == v for k, v in host_memory.RETAIN_ENV.items()):
-    return "retain"
   return "glibc"
 
 
@@ -77,23 +75,21 @@ def allocator_env(name: str) -> dict[str, str]:
   """Environment variables that select the host allocator ``name`` for a new process."""
   if name not in ALLOCATORS:
     raise ValueError(f"allocator {name!r} is not one of {ALLOCATORS}")
-  if name == "retain":
-    return dict(host_memory.RETAIN_ENV)
   if name == "glibc":
     return {}
   if name == "hugepages":
-    return {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    return {"GLIBC_TUNABLES": host_memory.TUNABLE}
   path = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
   if path is None:
     raise ValueError(f"--allocator jemalloc: no libjemalloc.so.2 in {', '.join(JEMALLOC_PATHS)}; "
                      "install it (Debian/Ubuntu: apt-get install libjemalloc2) or use --allocator "
-                     "retain, glibc or hugepages")
+                     "hugepages or glibc")
   return {"LD_PRELOAD": path, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 
 
 def process_env(name: str) -> dict[str, str]:
   """This process's environment with the host allocator ``name`` instead of the current one."""
-  others = set(host_memory.RETAIN_ENV) | {"GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"}
+  others = {"GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"}
   env = {k: v for k, v in os.environ.items() if k not in others}
   env.update(allocator_env(name))
   return env
@@ -143,10 +139,10 @@ def _own_seconds() -> float:
   return total
 
 
-def page_faults() -> int:
-  """Page faults (minor and major) this process has taken so far."""
+def page_faults_and_system_seconds() -> tuple[int, float]:
+  """Page faults (minor and major) this process has taken so far, and its CPU time in the kernel."""
   r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_minflt + r.ru_majflt
+  return r.ru_minflt + r.ru_majflt, r.ru_stime
 
 
 def peak_rss_bytes() -> int:

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
-  p.add_argument("--allocator", default="retain", choices=harness.ALLOCATORS,
+  p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS,
                  help="host allocator (see bench/harness.py; default: %(default)s, as train.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)

@@ -7,7 +7,7 @@
 The batch is created once and placed on the devices, so the figure is the step alone. Reports
 images/s, step time, MFU (analytic training FLOPs, 3x forward, over the devices' peak; see
 PEAK_TFLOPS, or give --peak-tflops), memory (XLA's static analysis; the allocator's peak where the
-device reports it; the host's peak resident set), host page faults per step and compile time, with
+device reports it; the host's peak resident set), host page faults and kernel CPU time per step, and compile time, with
 the machine-load verdict. On the CPU the peak is the nominal one from /proc/cpuinfo's clock: a CPU
 that boosts above it can show an MFU near or above 1.
 """
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="peak TFLOP/s per device for MFU (default: from the device kind)")
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS),
                  help="XLA flags preset (see vit_jax/xla_presets.py; default: %(default)s)")
-  p.add_argument("--allocator", default="retain", choices=harness.ALLOCATORS,
+  p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS,
                  help="host allocator (see bench/harness.py; default: %(default)s, as train.py)")
   p.add_argument("--json", default=None, help="write the results here")
   return p.parse_args(argv)
@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
   with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as load:
     run, info = workloads.jax_train_step(config)
     harness.time_calls(run, warmup=args.warmup, iters=0)
-    faults = harness.page_faults()
+    faults, system_s = harness.page_faults_and_system_seconds()
     step_times = harness.time_calls(run, iters=args.steps, min_seconds=args.min_seconds, warmup=0)
-    faults = (harness.page_faults() - faults) / len(step_times)
+    faults_after, system_s_after = harness.page_faults_and_system_seconds()
+    faults = (faults_after - faults) / len(step_times)
+    system_s = (system_s_after - system_s) / len(step_times)
     times = harness.summarize(step_times)
   device = jax.local_devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, device.platform, args.dtype)
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
          "spread": times["spread"], "tflop_per_s": achieved / 1e12,
          "mfu": achieved / (peak * 1e12 * info["num_devices"]) if peak else None,
          "compile_s": info["compile_s"], "page_faults_per_step": faults,
+         "kernel_cpu_s_per_step": system_s,
          "host_peak_rss_mib": harness.peak_rss_bytes() / 2**20,
          "static_peak_mib": mem.get("static_peak_bytes", 0) / 2**20,
          "device_peak_mib": mem["device_peak_bytes"] / 2**20 if "device_peak_bytes" in mem else None}
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(peak {peak if peak else '?'} TFLOP/s per device)")
   print(harness.format_table([row], ["model", "batch", "dtype", "remat", "scan", "mesh", "img_per_s",
                                      "step_ms", "spread", "mfu", "compile_s", "page_faults_per_step",
-                                     "host_peak_rss_mib", "static_peak_mib", "device_peak_mib"]))
+                                     "kernel_cpu_s_per_step", "host_peak_rss_mib", "static_peak_mib", "device_peak_mib"]))
   print(load.verdict())
   record = {"script": "train_step", "args": vars(args), "options": options, "result": row,
             "times_s": times, "memory": mem, "peak_tflops_per_device": peak,

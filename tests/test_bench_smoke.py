@@ -64,7 +64,8 @@ def test_train_step(tmp_path):
   assert row["img_per_s"] > 0 and row["step_ms"] > 0 and row["compile_s"] > 0
   assert 0 < row["mfu"] < 1
   assert row["static_peak_mib"] > 0 and row["host_peak_rss_mib"] > 0 and row["page_faults_per_step"] >= 0
-  assert record["preset"]["allocator"] == "retain"
+  assert row["kernel_cpu_s_per_step"] >= 0
+  assert record["preset"]["allocator"] == "hugepages"
   assert record["train_flops_per_image"] == flops.train_flops("ViT-Ti/16", 32, 1000, num_layers=1)
   check_load_record(record["load"])
 

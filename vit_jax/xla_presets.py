@@ -1,9 +1,10 @@
 """XLA flag presets: named sets of ``XLA_FLAGS`` that must be set before JAX is imported.
 
-  cpu:  XLA runs matmuls with its Eigen kernels while YNNPACK keeps the reductions and the fused
-        attention (``--xla_cpu_experimental_ynn_fusion_type=reduce``). It touches only the CPU
-        backend; on the 2-core dev box a ViT-Ti/16 train step is about 8% faster and a forward
-        pass about 4% (docs/benchmarks.md, "XLA flag preset").
+  cpu:  XLA runs matmuls with its Eigen kernels while YNNPACK keeps the reductions
+        (``--xla_cpu_experimental_ynn_fusion_type=reduce``). It touches only the CPU backend. On
+        the 2-core dev box a ViT-Ti/16 train step at batch 32 is about 6% faster with it, and a
+        forward pass at batch 8 about 4% slower (``bench/ablations.py``, docs/benchmarks.md,
+        "Where the speed comes from"): the preset favours training.
   none: XLA's defaults.
 
 ``train.py --xla_preset NAME`` and the ``bench/`` scripts' ``--preset NAME`` apply one.

@@ -1,8 +1,11 @@
 """Batched float32 matmul on the CPU through BLAS, as an XLA FFI custom call (cpu_matmul.cc).
 
-XLA's CPU backend runs a batched dot such as attention's [batch * heads, 197, 64] products on one
-thread, at about 40% of what the cores give; this kernel runs single-threaded OpenBLAS sgemm calls
-on XLA's intra-op thread pool, split over the batch (docs/benchmarks.md, "CPU speed work").
+XLA's CPU backend (its Eigen dots, under the ``cpu`` preset) runs a batched dot such as attention's
+[batch * heads, 197, 64] products on one thread; this kernel runs single-threaded OpenBLAS sgemm
+calls on XLA's intra-op thread pool, split over the batch. On the 2-core dev box it makes a
+ViT-Ti/16 train step at batch 32 about 8% faster and a forward pass at batch 8 about 7% slower
+(small batches of small products; ``bench/ablations.py``, docs/benchmarks.md, "Where the speed
+comes from").
 
 ``matmul(a, b, trans_a=, trans_b=)`` uses it when all of these hold, and otherwise computes the
 same product with ``jnp.einsum``:

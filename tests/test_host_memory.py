@@ -1,0 +1,50 @@
+"""Huge pages for XLA's per-step host allocations: the glibc tunable, the re-execution, bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_env_adds_the_tunable_once_and_keeps_others():
+  env = host_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0",
+                                    "PATH": "/bin"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+  assert env["PATH"] == "/bin"
+  assert host_memory.huge_pages_env(env) == env
+  assert host_memory.huge_pages_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+
+def test_bad_policy():
+  with pytest.raises(ValueError, match=r"host memory policy 'big' is not one of \('hugepages', 'release'\)"):
+    host_memory.apply("big")
+
+
+def test_reexecutes_once_with_the_tunable(tmp_path):
+  script = tmp_path / "probe.py"
+  script.write_text(
+      "import os, sys\n"
+      f"sys.path.insert(0, {ROOT!r})\n"
+      "print('start', sys.argv[1:], flush=True)\n"
+      "from vit_jax import host_memory\n"
+      "host_memory.use_huge_pages()\n"
+      "print('tunables', os.environ.get('GLIBC_TUNABLES', ''))\n")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  out = subprocess.run([sys.executable, "-u", str(script), "a", "--b=1"], capture_output=True, text=True,
+                       env=env, check=True).stdout.splitlines()
+  if host_memory.why_unsupported() is None:
+    assert out == ["start ['a', '--b=1']", "start ['a', '--b=1']", "tunables glibc.malloc.hugetlb=1"]
+  else:  # nothing to gain here: no re-execution
+    assert out == ["start ['a', '--b=1']", "tunables "]
+
+
+def test_train_py_rejects_an_unknown_policy():
+  proc = subprocess.run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", "/tmp/x",
+                         "--host_memory", "retain"], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode != 0
+  assert "--host_memory 'retain' is not one of ['hugepages', 'release']" in proc.stderr
