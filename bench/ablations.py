@@ -7,11 +7,9 @@ its own fresh process, the order rotated every round:
   shipped          the library as it is (train.py's defaults: XLA preset ``cpu``, huge pages)
   no_huge_pages    ``--allocator glibc``: XLA's per-step temporaries on 4 KiB pages
                    (vit_jax/host_memory.py)
-  no_blas_kernel   ``VIT_JAX_CPU_MATMUL=xla``: attention's products on XLA's dot instead of the
-                   batched BLAS kernel (vit_jax/kernels/cpu_matmul.py)
   preset_none      ``--preset none``: XLA's default flags (vit_jax/xla_presets.py)
   xla_attention    ``attention="xla"``: ``jax.nn.dot_product_attention`` instead of the explicit
-                   heads-major products with a hand-written backward (vit_jax/models/attention.py)
+                   heads-major einsums (vit_jax/models/attention.py)
 Layers (``--micro``, in one fresh process, variants alternating): a forward and backward pass of
 the pieces of a ViT-Ti/16 block at batch 32 written as shipped and as before each change.
 """
@@ -36,7 +34,6 @@ from bench import compare_timm, harness  # noqa: E402
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "shipped": ({}, {}),
     "no_huge_pages": ({"allocator": "glibc"}, {}),
-    "no_blas_kernel": ({}, {"VIT_JAX_CPU_MATMUL": "xla"}),
     "preset_none": ({"preset": "none"}, {}),
     "xla_attention": ({"options": {"attention": "xla"}}, {}),
 }
@@ -54,7 +51,6 @@ def micro_cases(batch: int, tokens: int, width: int, heads: int, mlp: int) -> di
   import jax.numpy as jnp
   import numpy as np
 
-  from vit_jax.kernels import cpu_matmul
   from vit_jax.models import attention, layers
 
   rng = np.random.default_rng(0)
@@ -101,7 +97,7 @@ def micro_cases(batch: int, tokens: int, width: int, heads: int, mlp: int) -> di
       return layers.matmul_2d(y.swapaxes(1, 2).reshape(-1, width), wo).reshape(x.shape)
     return f
 
-  def autodiff(q, k, v):
+  def explicit(q, k, v):  # MultiHeadAttention's "explicit" core
     return jnp.einsum("...qk,...kd->...qd", attention.attention_weights(q, k), v)
 
   def xla_dpa(q, k, v):  # its layout is [B, T, H, Dh]; q is already scaled
@@ -109,15 +105,8 @@ def micro_cases(batch: int, tokens: int, width: int, heads: int, mlp: int) -> di
     return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, implementation="xla"))
 
   w = (x, wq, wk, wv, wo)
-  shipped = fwd_bwd(block(attention.dot_product_attention), *w)
-  with cpu_matmul.einsum_only():  # traced and compiled inside the block
-    fn, fargs = fwd_bwd(block(attention.dot_product_attention), *w)
-    no_kernel = (fn.lower(*fargs).compile(), fargs)
-  cases["attention block"] = {
-      "shipped: hand-written backward, BLAS kernel": shipped,
-      "hand-written backward, XLA dot": no_kernel,
-      "before: autodiff of the einsums": fwd_bwd(block(autodiff), *w),
-      "jax.nn.dot_product_attention (xla)": fwd_bwd(block(xla_dpa), *w)}
+  cases["attention block"] = {"shipped: heads-major einsums": fwd_bwd(block(explicit), *w),
+                              "jax.nn.dot_product_attention (xla)": fwd_bwd(block(xla_dpa), *w)}
   return cases
 
 
@@ -174,7 +163,8 @@ def run_driver(args: argparse.Namespace) -> dict:
           runs.append({"round": r, "workload": w, "variant": v, "img_per_s": result["img_per_s"],
                        "load": load})
           print(f"round {r} {w:22s} {v:15s} {result['img_per_s']:8.2f} img/s "
-                f"(foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%)", flush=True)
+                f"(foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%, stolen {100 * load['steal_fraction']:.0f}%)",
+                flush=True)
     micro = None
     if args.micro_rounds:
       env = harness.process_env("hugepages")
@@ -201,11 +191,7 @@ def run_driver(args: argparse.Namespace) -> dict:
     print(f"\nLayers of ViT-Ti/16 at batch {args.micro_batch}, forward + backward, medians of "
           f"{args.micro_rounds} alternating rounds; vs_shipped = time / shipped time")
     print(harness.format_table(micro["rows"], ["case", "variant", "ms", "vs_shipped", "spread"]))
-  clean = sum(1 for run in runs if run["load"]["clean"])
-  print(f"{clean}/{len(runs)} worker runs without other processes using the CPUs. {total.verdict()}")
-  trusted = total.trusted and clean == len(runs)
-  if not trusted:
-    print("THESE FIGURES CANNOT BE TRUSTED: re-run on an idle machine.")
+  trusted = harness.report_runs(total, runs)
   record = {"script": "ablations", "args": vars(args), "results": rows, "micro": micro, "runs": runs,
             "load": total.report(), "trusted": trusted, "environment": harness.environment()}
   harness.write_json(args.json, record)

@@ -206,7 +206,8 @@ def run_driver(args: argparse.Namespace) -> dict:
                              "setup_s": result["setup_s"], "load": load, "versions": result["versions"]})
           print(f"round {r} {w:24s} {f:13s} {result['img_per_s']:9.2f} img/s  "
                 f"(load {load['loadavg_before'][0]:.2f}->{load['loadavg_after'][0]:.2f}, "
-                f"foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%)", flush=True)
+                f"foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%, "
+                f"stolen {100 * load['steal_fraction']:.0f}%)", flush=True)
   rows = []
   baseline = "timm" if "timm" in frameworks else frameworks[-1]
   for w in workloads:
@@ -218,15 +219,11 @@ def run_driver(args: argparse.Namespace) -> dict:
                    "max": s["max"], "spread": s["spread"],
                    f"ratio_vs_{baseline}": s["median"] / statistics.median(base),
                    "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)})
-  clean = sum(1 for entry in rounds_log if entry["load"]["clean"])
   print(f"\n{args.rounds} rounds, {args.threads} threads, fp32, {args.image_size} px; img/s medians over "
         f"rounds, spread = (p90 - p10) / median, ratio = median / median of {baseline}")
   print(harness.format_table(rows, ["workload", "framework", "img_per_s", "min", "max", "spread",
                                     f"ratio_vs_{baseline}", "paired_ratio_min", "paired_ratio_max"]))
-  print(f"{clean}/{len(rounds_log)} worker runs without other processes using the CPUs. {total.verdict()}")
-  trusted = total.trusted and clean == len(rounds_log)
-  if not trusted:
-    print("THESE FIGURES CANNOT BE TRUSTED: re-run on an idle machine.")
+  trusted = harness.report_runs(total, rounds_log)
   record = {"script": "compare_timm", "args": vars(args), "results": rows, "runs": rounds_log,
             "load": total.report(), "trusted": trusted, "environment": harness.environment()}
   harness.write_json(args.json, record)

@@ -4,7 +4,8 @@ CPU figures are only meaningful on an otherwise idle machine: a single busy neig
 multi-threaded run several-fold (PyTorch's OpenMP pool by up to 10x). ``LoadMonitor`` records the
 1-minute load average before and after a measurement, samples how busy the CPUs are just before
 it starts, and counts the CPU time that processes other than this one (and its children) used
-meanwhile. ``trusted`` is False when any of them says the machine was busy, and every script
+meanwhile, and the time the hypervisor gave this machine's CPUs to other guests ("steal": the
+virtual CPUs did not run). ``trusted`` is False when any of them says the machine was busy, and every script
 prints that verdict next to its figures. The load average alone cannot decide it: on virtual
 machines it counts tasks that use no CPU (this project's 2-core box sits at 1.0-1.4 with its CPUs
 100% idle), and right after a benchmark process it still carries that process's own load.
@@ -31,11 +32,12 @@ from vit_jax import host_memory, xla_presets  # noqa: E402  (neither imports JAX
 # Trusted only if: the 1-minute load average before is at most this per core (more runnable
 # tasks than cores means contention); the CPUs were at most MAX_BUSY_BEFORE_FRACTION busy in the
 # IDLE_PROBE_S seconds before; other processes used at most MAX_FOREIGN_CPU_FRACTION of the
-# machine's CPU time during the measurement.
+# machine's CPU time during the measurement, and the hypervisor stole at most MAX_STEAL_FRACTION.
 MAX_LOAD_BEFORE_PER_CORE = 1.0
 MAX_BUSY_BEFORE_FRACTION = 0.05
 IDLE_PROBE_S = 2.0
 MAX_FOREIGN_CPU_FRACTION = 0.05
+MAX_STEAL_FRACTION = 0.05
 
 # XLA flag presets live in the library (vit_jax/xla_presets.py), so train.py and the benchmarks share them.
 PRESETS = xla_presets.PRESETS
@@ -122,12 +124,14 @@ def load_average() -> tuple[float, float, float]:
   return float(one), float(five), float(fifteen)
 
 
-def _busy_seconds() -> float:
-  """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq, steal) since boot."""
+def _busy_and_steal_seconds() -> tuple[float, float]:
+  """CPU seconds since boot that the machine spent busy (user, nice, system, irq, softirq) and that
+  the hypervisor stole from it."""
   with open("/proc/stat") as f:
     fields = [int(v) for v in f.readline().split()[1:9]]
   user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+  tick = os.sysconf("SC_CLK_TCK")
+  return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def _own_seconds() -> float:
@@ -152,9 +156,9 @@ def peak_rss_bytes() -> int:
 
 def busy_fraction(seconds: float = IDLE_PROBE_S) -> float:
   """How busy the machine's CPUs were over the next ``seconds`` (0 idle, 1 all cores busy)."""
-  busy0, t0 = _busy_seconds(), time.monotonic()
+  busy0, t0 = sum(_busy_and_steal_seconds()), time.monotonic()
   time.sleep(seconds)
-  return (_busy_seconds() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+  return (sum(_busy_and_steal_seconds()) - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
 
 
 @dataclasses.dataclass
@@ -169,25 +173,31 @@ class LoadMonitor:
   after: tuple[float, float, float] | None = None
   busy_before: float | None = None
   foreign_cpu_fraction: float | None = None
+  steal_fraction: float | None = None
   wall_s: float | None = None
 
   def __enter__(self) -> "LoadMonitor":
     self.before = load_average()
     if self.probe_s > 0:
       self.busy_before = busy_fraction(self.probe_s)
-    self._t0, self._busy0, self._own0 = time.monotonic(), _busy_seconds(), _own_seconds()
+    self._t0, self._own0 = time.monotonic(), _own_seconds()
+    self._busy0, self._steal0 = _busy_and_steal_seconds()
     return self
 
   def __exit__(self, *exc) -> None:
     self.wall_s = time.monotonic() - self._t0
-    foreign = (_busy_seconds() - self._busy0) - (_own_seconds() - self._own0)
-    self.foreign_cpu_fraction = max(0.0, foreign) / (self.wall_s * (os.cpu_count() or 1))
+    busy, steal = _busy_and_steal_seconds()
+    capacity = self.wall_s * (os.cpu_count() or 1)
+    foreign = (busy - self._busy0) - (_own_seconds() - self._own0)
+    self.foreign_cpu_fraction = max(0.0, foreign) / capacity
+    self.steal_fraction = (steal - self._steal0) / capacity
     self.after = load_average()
 
   @property
   def clean(self) -> bool:
-    """Other processes used (almost) no CPU during the measurement."""
-    return self.foreign_cpu_fraction <= MAX_FOREIGN_CPU_FRACTION
+    """Other processes used (almost) no CPU during the measurement, nor did other guests."""
+    return (self.foreign_cpu_fraction <= MAX_FOREIGN_CPU_FRACTION
+            and self.steal_fraction <= MAX_STEAL_FRACTION)
 
   @property
   def idle_before(self) -> bool:
@@ -203,20 +213,33 @@ class LoadMonitor:
     return {"loadavg_before": list(self.before), "loadavg_after": list(self.after),
             "busy_before": None if self.busy_before is None else round(self.busy_before, 4),
             "foreign_cpu_fraction": round(self.foreign_cpu_fraction, 4),
-            "wall_s": round(self.wall_s, 2), "clean": self.clean, "trusted": self.trusted}
+            "steal_fraction": round(self.steal_fraction, 4), "wall_s": round(self.wall_s, 2), "clean": self.clean, "trusted": self.trusted}
 
   def verdict(self) -> str:
     r = self.report()
     text = f"load average before {r['loadavg_before'][0]:.2f}, after {r['loadavg_after'][0]:.2f}; "
     if r["busy_before"] is not None:
       text += f"CPUs {100 * r['busy_before']:.1f}% busy just before; "
-    text += f"other processes used {100 * r['foreign_cpu_fraction']:.1f}% of the CPUs meanwhile"
+    text += (f"other processes used {100 * r['foreign_cpu_fraction']:.1f}% of the CPUs meanwhile and "
+             f"the hypervisor stole {100 * r['steal_fraction']:.1f}%")
     if self.trusted:
       return text + ": machine idle, figures trustworthy"
     cores = os.cpu_count() or 1
     return (text + f": MACHINE BUSY, figures NOT trustworthy (want load before <= "
             f"{MAX_LOAD_BEFORE_PER_CORE * cores:.2f}, <= {100 * MAX_BUSY_BEFORE_FRACTION:.0f}% busy "
-            f"before and <= {100 * MAX_FOREIGN_CPU_FRACTION:.0f}% foreign CPU)")
+            f"before, <= {100 * MAX_FOREIGN_CPU_FRACTION:.0f}% foreign CPU and <= "
+            f"{100 * MAX_STEAL_FRACTION:.0f}% stolen)")
+
+
+def report_runs(total: LoadMonitor, runs: Sequence[dict[str, Any]]) -> bool:
+  """Prints how many worker runs (each with its ``load`` report) ran undisturbed and the verdict
+  over the whole measurement; True if every figure can be trusted."""
+  clean = sum(1 for run in runs if run["load"]["clean"])
+  print(f"{clean}/{len(runs)} worker runs undisturbed by other processes or guests. {total.verdict()}")
+  trusted = total.trusted and clean == len(runs)
+  if not trusted:
+    print("THESE FIGURES CANNOT BE TRUSTED: re-run on an idle machine.")
+  return trusted
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 10,

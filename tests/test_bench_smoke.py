@@ -32,8 +32,9 @@ def read_json(path):
 
 
 def check_load_record(load):
-  assert set(load) >= {"loadavg_before", "loadavg_after", "foreign_cpu_fraction", "trusted"}
+  assert set(load) >= {"loadavg_before", "loadavg_after", "foreign_cpu_fraction", "steal_fraction", "trusted"}
   assert len(load["loadavg_before"]) == 3 and 0.0 <= load["foreign_cpu_fraction"] <= 1.0
+  assert 0.0 <= load["steal_fraction"] <= 1.0
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
