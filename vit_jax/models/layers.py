@@ -66,7 +66,8 @@ class Dense(nnx.Module):
     lead = x.shape[:x.ndim - n_in]
     # One 2-D matmul over all leading axes: the gradient of the kernel is then a plain
     # [in, rows] x [rows, out] product with no transposed copy of the activations (on the
-    # CPU an MLP block's forward and backward pass is about 1.15x as fast; bench/ablations.py).
+    # CPU an MLP block's forward and backward pass was 1.06-1.13x as fast in two runs;
+    # bench/ablations.py).
     y = matmul_2d(x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)),
                   self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), -1))
     if self.bias is not None:
