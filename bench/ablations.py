@@ -191,11 +191,7 @@ def run_driver(args: argparse.Namespace) -> dict:
     print(f"\nLayers of ViT-Ti/16 at batch {args.micro_batch}, forward + backward, medians of "
           f"{args.micro_rounds} alternating rounds; vs_shipped = time / shipped time")
     print(harness.format_table(micro["rows"], ["case", "variant", "ms", "vs_shipped", "spread"]))
-  trusted = harness.report_runs(total, runs)
-  record = {"script": "ablations", "args": vars(args), "results": rows, "micro": micro, "runs": runs,
-            "load": total.report(), "trusted": trusted, "environment": harness.environment()}
-  harness.write_json(args.json, record)
-  return record
+  return harness.finish_runs("ablations", args, total, runs, results=rows, micro=micro)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -223,11 +223,7 @@ def run_driver(args: argparse.Namespace) -> dict:
         f"rounds, spread = (p90 - p10) / median, ratio = median / median of {baseline}")
   print(harness.format_table(rows, ["workload", "framework", "img_per_s", "min", "max", "spread",
                                     f"ratio_vs_{baseline}", "paired_ratio_min", "paired_ratio_max"]))
-  trusted = harness.report_runs(total, rounds_log)
-  record = {"script": "compare_timm", "args": vars(args), "results": rows, "runs": rounds_log,
-            "load": total.report(), "trusted": trusted, "environment": harness.environment()}
-  harness.write_json(args.json, record)
-  return record
+  return harness.finish_runs("compare_timm", args, total, rounds_log, results=rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

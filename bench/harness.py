@@ -242,6 +242,17 @@ def report_runs(total: LoadMonitor, runs: Sequence[dict[str, Any]]) -> bool:
   return trusted
 
 
+def finish_runs(script: str, args: Any, total: LoadMonitor, runs: list[dict[str, Any]],
+                **results: Any) -> dict[str, Any]:
+  """Reports the verdict over ``runs`` (``report_runs``) and writes the JSON record of a script
+  that measured in worker processes: its arguments, ``results``, every run and the environment."""
+  trusted = report_runs(total, runs)
+  record = {"script": script, "args": vars(args), **results, "runs": runs, "load": total.report(),
+            "trusted": trusted, "environment": environment()}
+  write_json(args.json, record)
+  return record
+
+
 def time_calls(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 10,
                min_seconds: float = 0.0) -> list[float]:
   """Seconds per call of ``fn`` (which must block until its work is done), after ``warmup`` calls.
