@@ -30,12 +30,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import compare_timm, harness  # noqa: E402
 
-# name -> (changes to compare_timm's arguments, extra environment)
-VARIANTS: dict[str, tuple[dict, dict]] = {
-    "shipped": ({}, {}),
-    "no_huge_pages": ({"allocator": "glibc"}, {}),
-    "preset_none": ({"preset": "none"}, {}),
-    "xla_attention": ({"options": {"attention": "xla"}}, {}),
+# name -> changes to compare_timm's arguments
+VARIANTS: dict[str, dict] = {
+    "shipped": {},
+    "no_huge_pages": {"allocator": "glibc"},
+    "preset_none": {"preset": "none"},
+    "xla_attention": {"options": {"attention": "xla"}},
 }
 DEFAULT_WORKLOADS = "train:ViT-Ti/16:32,fwd:ViT-Ti/16:8,fwd:ViT-B/16:8"
 MICRO_PREFIX = "MICRO "
@@ -155,10 +155,10 @@ def run_driver(args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
       for w in workloads:
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-          changes, env = VARIANTS[v]
+          changes = VARIANTS[v]
           changes = dict(changes, options={**worker_args.options, **changes.get("options", {})})
           result, load = compare_timm.spawn_worker(argparse.Namespace(**{**vars(worker_args), **changes}),
-                                                   "jax", w, extra_env=env)
+                                                   "jax", w)
           samples[(w, v)].append(result["img_per_s"])
           runs.append({"round": r, "workload": w, "variant": v, "img_per_s": result["img_per_s"],
                        "load": load})
@@ -167,9 +167,7 @@ def run_driver(args: argparse.Namespace) -> dict:
                 flush=True)
     micro = None
     if args.micro_rounds:
-      env = harness.process_env("hugepages")
-      env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                  if not f.startswith("--xla_force_host_platform_device_count"))
+      env = harness.worker_env("hugepages")
       cmd = [sys.executable, os.path.abspath(__file__), "--micro", "--micro-rounds", str(args.micro_rounds),
              "--micro-iters", str(args.micro_iters), "--micro-batch", str(args.micro_batch)]
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)

@@ -141,12 +141,10 @@ def run_worker(args: argparse.Namespace) -> dict:
 # Driver: alternating rounds of fresh workers.
 
 
-def spawn_worker(args: argparse.Namespace, framework: str, workload: str,
-                 extra_env: dict[str, str] | None = None) -> tuple[dict, dict]:
+def spawn_worker(args: argparse.Namespace, framework: str, workload: str) -> tuple[dict, dict]:
   """Runs one measurement in a fresh process; returns its result and the machine-load report.
 
-  ``args`` carries the driver's settings (see ``parse_args``); ``extra_env`` is added to the
-  worker's environment.
+  ``args`` carries the driver's settings (see ``parse_args``).
   """
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--workload", workload,
          "--threads", str(args.threads), "--image-size", str(args.image_size),
@@ -157,11 +155,7 @@ def spawn_worker(args: argparse.Namespace, framework: str, workload: str,
     _, model, _ = parse_workload(workload)
     kw = timm_vit_kwargs(model, args.image_size, args.num_classes, args.options)
     cmd += ["--timm-kwargs-json", json.dumps(kw)]
-  # One real CPU device per worker, whatever the caller's XLA_FLAGS (tests force 8 fake ones).
-  env = harness.process_env(args.allocator)  # the same for both frameworks
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
-  env.update(extra_env or {})
+  env = harness.worker_env(args.allocator)  # the same for both frameworks
   with harness.LoadMonitor() as load:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
   result = None

@@ -97,6 +97,15 @@ def process_env(name: str) -> dict[str, str]:
   return env
 
 
+def worker_env(allocator: str) -> dict[str, str]:
+  """The environment of a benchmark worker process: allocator ``allocator`` and one real CPU
+  device, whatever the caller's XLA_FLAGS (tests force 8 fake ones)."""
+  env = process_env(allocator)
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if not f.startswith("--xla_force_host_platform_device_count"))
+  return env
+
+
 def use_allocator(name: str) -> None:
   """Re-executes this script under allocator ``name`` unless it already runs under it."""
   allocator_env(name)  # fails early if it is not installed
@@ -213,7 +222,8 @@ class LoadMonitor:
     return {"loadavg_before": list(self.before), "loadavg_after": list(self.after),
             "busy_before": None if self.busy_before is None else round(self.busy_before, 4),
             "foreign_cpu_fraction": round(self.foreign_cpu_fraction, 4),
-            "steal_fraction": round(self.steal_fraction, 4), "wall_s": round(self.wall_s, 2), "clean": self.clean, "trusted": self.trusted}
+            "steal_fraction": round(self.steal_fraction, 4), "wall_s": round(self.wall_s, 2),
+            "clean": self.clean, "trusted": self.trusted}
 
   def verdict(self) -> str:
     r = self.report()

@@ -7,8 +7,8 @@
 The batch is created once and placed on the devices, so the figure is the step alone. Reports
 images/s, step time, MFU (analytic training FLOPs, 3x forward, over the devices' peak; see
 PEAK_TFLOPS, or give --peak-tflops), memory (XLA's static analysis; the allocator's peak where the
-device reports it; the host's peak resident set), host page faults and kernel CPU time per step, and compile time, with
-the machine-load verdict. On the CPU the peak is the nominal one from /proc/cpuinfo's clock: a CPU
+device reports it; the host's peak resident set), host page faults and kernel CPU time per step,
+and compile time, with the machine-load verdict. On the CPU the peak is the nominal one from /proc/cpuinfo's clock: a CPU
 that boosts above it can show an MFU near or above 1.
 """
 
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"(peak {peak if peak else '?'} TFLOP/s per device)")
   print(harness.format_table([row], ["model", "batch", "dtype", "remat", "scan", "mesh", "img_per_s",
                                      "step_ms", "spread", "mfu", "compile_s", "page_faults_per_step",
-                                     "kernel_cpu_s_per_step", "host_peak_rss_mib", "static_peak_mib", "device_peak_mib"]))
+                                     "kernel_cpu_s_per_step", "host_peak_rss_mib", "static_peak_mib",
+                                     "device_peak_mib"]))
   print(load.verdict())
   record = {"script": "train_step", "args": vars(args), "options": options, "result": row,
             "times_s": times, "memory": mem, "peak_tflops_per_device": peak,

@@ -3,12 +3,13 @@
 XLA's CPU runtime allocates a computation's temporaries when it starts and frees them when it ends:
 1.66 GiB for a ViT-Ti/16 train step at batch 32. glibc serves blocks that large with a fresh
 ``mmap`` and unmaps them on ``free``, so every step faults its temporaries in again, one zero-filled
-4 KiB page at a time: 425,000 page faults and about 0.9 s of kernel time per ViT-Ti/16 step on the
-2-core dev box, where the step takes 1.7 s (docs/benchmarks.md, "Host memory").
+4 KiB page at a time: 425,000-513,000 page faults and about 1 s of kernel CPU time per ViT-Ti/16
+step on the 2-core dev box, where the step takes 1.6 s (docs/benchmarks.md, "Host memory").
 
 With glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later) malloc asks the kernel for
-transparent huge pages for such blocks: 2 MiB pages, about 400 times fewer faults, and half the
-kernel time (the pages are still zero-filled). Memory goes back to the kernel as before. glibc
+transparent huge pages for such blocks: 2 MiB pages and about 280 times fewer faults; the step
+was 1.40x as fast in bench/ablations.py (the pages are still zero-filled, at a kernel cost that
+varied from run to run). Memory goes back to the kernel as before. glibc
 reads its tunables once, at process start, so ``use_huge_pages()`` re-executes the program with the
 tunable set; ``train.py`` and ``evaluate.py`` call it first thing. Where glibc is older or the
 kernel's transparent huge pages are off, it does nothing.
@@ -16,7 +17,7 @@ kernel's transparent huge pages are off, it does nothing.
 Rejected: keeping the freed memory in glibc's heap (one arena, no ``mmap``, no trimming) avoids the
 faults altogether and made the bare step about 10% faster still, but in a real training run (input
 pipeline, evaluation, checkpoints) the heap fragmented and the resident set of a 60-step ViT-Ti/16
-run grew from 3.5 GiB to 9.9 GiB.
+run grew from 3.6 GiB to 9.9 GiB.
 """
 
 from __future__ import annotations
