@@ -34,7 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="ViT-Ti/2", channels=1, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128,
       classifier="token", posemb="learn", dropout_rate=0.0, stochastic_depth=0.0,
-      dtype="float32", scan=False, remat="none"))
+      dtype="float32", scan=False, remat="none",
+      # "explicit" (heads-major einsums), or jax.nn.dot_product_attention's "xla" / "cudnn"
+      # (fused flash attention on NVIDIA GPUs); vit_jax/models/attention.py.
+      attention="explicit"))
 
   c.batch_size = 128
   c.eval_batch_size = 100
