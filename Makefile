@@ -5,10 +5,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup train test clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The package is installed in editable mode (vit_jax and configs importable from any directory).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -e . --no-deps
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -8,14 +8,10 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from vit_jax import host_memory  # noqa: E402  (imports no JAX)
-
-host_memory.use_huge_pages()  # may re-execute this program: before anything else (vit_jax/host_memory.py)
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file the checkpoint was trained with.",
                                           lock_config=True)
@@ -23,6 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its latest ch
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint step directory, e.g. DIR/checkpoints/3000.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: in the workdir).")
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices
 flags.mark_flag_as_required("config")
 
 
@@ -52,13 +49,12 @@ def main(argv):
       raise ValueError(f"no checkpoint in {directory}")
     state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step)
     split = _SPLIT.value or _CONFIG.value.eval_split
-    result = trainer.evaluate(setup, state.params, split=split)
+    result = trainer.evaluate(setup, state, split=split)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   result = {"step": meta["step"], "split": split, **result}
-  print(f"step {result['step']} {split}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
-        f"loss {result['loss']:.4f} ({result['examples']} images)")
+  print(f"step {result['step']} {split}: {setup.task.format_metrics(result)}")
   output = _OUTPUT.value or os.path.join(out_dir, f"eval_{split}_{result['step']}.json")
   with open(output, "w") as f:
     json.dump(result, f, indent=2)
@@ -66,5 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from vit_jax.command_line import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  command_line.prepare_process(sys.argv)  # before JAX starts; may re-execute this program
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -5,7 +5,8 @@ checkpoint of this library's trainer (a workdir, its checkpoints/ directory or o
 model is read from the checkpoint when --model is not given. Prints the top-5 classes of each
 image with their names: ImageNet-1k / -21k names for 1,000 / 21,843-class checkpoints, a
 dataset's names with --labels DATASET (a TFDS name or imagefolder:/root) or --labels FILE (one
-name per line); class indices otherwise.
+name per line); class indices otherwise. Takes train.py's process flags too (--xla_preset,
+--host_memory, --fake_devices; vit_jax/command_line.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import app, logging
 
-import numpy as np  # noqa: E402
+from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
+
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
 
 SIZE_OPTIONS = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=command_line.process_flags_help())
   p.add_argument("images", nargs="+", metavar="IMAGE", help="jpg/png files")
   p.add_argument("--checkpoint", required=True, help="checkpoint file or directory")
   p.add_argument("--model", help="model name (default: read from the checkpoint), e.g. ViT-B/16")
@@ -104,7 +109,7 @@ def predict(argv: list[str]) -> list[dict]:
     raise ValueError(f"{ckpt.path!r} has no classification head: nothing to predict with")
   size = args.image_size or spec.image_size
   model = models.create(spec.name, num_classes=spec.num_classes, image_size=size, **spec.overrides)
-  checkpoints.load_pretrained(model, ckpt, reset_head=False)
+  checkpoints.load_pretrained(model, ckpt)
   channels = model.config.channels if hasattr(model, "config") else 3
   batch = np.stack([load_image(p, size, channels) for p in args.images])
   logits = np.asarray(model(batch), np.float64)
@@ -139,5 +144,21 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parses the process flags; predict's own options (and --help) are left to parse_args."""
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    parse_args(["--help"])  # prints the options and the process flags, and exits
+  return command_line.parse_flags(argv, known_only=True)
+
+
+def _run(argv: list[str]) -> int:
+  logging.set_verbosity(logging.WARNING)  # as before app.run: no INFO lines from the libraries
+  return main(argv[1:])  # argv: the program, then what absl left
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  command_line.prepare_process(sys.argv)  # before JAX starts; may re-execute this program
+  app.run(_run, flags_parser=_parse_flags)

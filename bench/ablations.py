@@ -25,10 +25,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import compare_timm, harness  # noqa: E402
+import compare_timm  # noqa: E402  (bench/, beside this script)
+import harness  # noqa: E402
 
 # name -> changes to compare_timm's arguments
 VARIANTS: dict[str, dict] = {

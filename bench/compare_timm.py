@@ -24,10 +24,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402  (bench/, beside this script)
 
 DEFAULT_WORKLOADS = "fwd:ViT-Ti/16:8,fwd:ViT-B/16:8,train:ViT-Ti/16:32"
 FRAMEWORKS = ("jax", "timm", "timm_compile")
@@ -91,7 +90,7 @@ def run_worker(args: argparse.Namespace) -> dict:
   mode, model, batch = parse_workload(args.workload)
   options = json.loads(args.options_json)
   if args.worker == "jax":
-    from bench import workloads
+    import workloads
 
     if mode == "fwd":
       run, info = workloads.jax_forward(model, batch=batch, image_size=args.image_size,

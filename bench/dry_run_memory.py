@@ -12,10 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _status_kib(field: str) -> int:

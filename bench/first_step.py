@@ -18,10 +18,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402  (bench/, beside this script)
 
 STEP_LINE = re.compile(r"\b1/(\d+) loss (\S+)")
 
@@ -40,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  from bench.input_pipeline import write_jpegs
+  from input_pipeline import write_jpegs
 
   with tempfile.TemporaryDirectory() as tmp:
     images = os.path.join(tmp, "images")

@@ -13,13 +13,7 @@ pre-logits layer; training = 3 x forward) in exaFLOPs. ``--no-xla`` skips the co
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench import harness  # noqa: E402
+import harness  # bench/, beside this script
 
 DEFAULT_MODELS = ("ViT-Ti/16@224,ViT-S/16@224,ViT-B/16@224,ViT-L/16@224,ViT-H/14@224,"
                   "ViT-Ti/16@384,ViT-S/16@384,ViT-B/16@384,ViT-L/16@384")

@@ -9,6 +9,11 @@ virtual CPUs did not run). ``trusted`` is False when any of them says the machin
 prints that verdict next to its figures. The load average alone cannot decide it: on virtual
 machines it counts tasks that use no CPU (this project's 2-core box sits at 1.0-1.4 with its CPUs
 100% idle), and right after a benchmark process it still carries that process's own load.
+
+The scripts run as ``.venv/bin/python bench/NAME.py`` from any directory: ``vit_jax`` and
+``configs`` come from the installed package (``make setup`` installs it in editable mode), and
+this folder's modules (``harness``, ``workloads``, ...) are imported by their plain names, from
+the script's own folder (``bench/parity_full.py`` also needs tests/: see its docstring).
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vit_jax import host_memory, xla_presets  # noqa: E402  (neither imports JAX)
+from vit_jax import host_memory, xla_presets  # neither imports JAX
 
 # Trusted only if: the 1-minute load average before is at most this per core (more runnable
 # tasks than cores means contention); the CPUs were at most MAX_BUSY_BEFORE_FRACTION busy in the

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402  (bench/, beside this script)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   harness.use_allocator(args.allocator)
   preset = harness.apply_preset(args.preset)
-  from bench import workloads
+  import workloads
 
   options = harness.parse_options(args.option)
   if args.dtype != "float32":

@@ -20,10 +20,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402  (bench/, beside this script)
 
 RESULT_PREFIX = "RESULT "
 PP = ("decode|inception_crop({size})|flip_lr|value_range(-1, 1)|onehot({classes})"

@@ -1,7 +1,8 @@
 """Full-size parity of the hybrid, BiT, Mixer and TNT families with timm, on the same random weights.
 
-Run:    .venv/bin/python bench/parity_full.py            (all 13 models, about 4 minutes on 2 CPU cores)
-        .venv/bin/python bench/parity_full.py mixer_b16_224 tnt_s_patch16_224
+Run from the repository root, as a module (it imports the reference helpers of tests/):
+        .venv/bin/python -m bench.parity_full          (all 13 models, about 4 minutes on 2 CPU cores)
+        .venv/bin/python -m bench.parity_full mixer_b16_224 tnt_s_patch16_224
 Checks: max |logits - timm logits| in float32 at 224 px, 1000 classes, for two random images
 (within 1e-4; for the deepest models timm's own float32 error can exceed that, so a check also
 passes when ours is at least as close as timm's float32 logits to timm's float64 logits),
@@ -18,17 +19,20 @@ import sys
 import tempfile
 import time
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "tests")]
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from vit_jax import checkpoints, models
 
-import original_npz  # noqa: E402
-from timm_helpers import import_timm, randomize_, state_dict_numpy  # noqa: E402
-from vit_jax import models  # noqa: E402
-from vit_jax import checkpoints  # noqa: E402
+try:  # tests/ is importable when this runs as ``python -m bench.parity_full`` from the repository root
+  from tests import original_npz
+  from tests.timm_helpers import import_timm, randomize_, state_dict_numpy
+except ModuleNotFoundError as e:
+  if e.name != "tests":
+    raise
+  original_npz = None
 
 TIMM_NUMERICS = dict(ws_style="var", ws_eps=1e-8, gn_eps=1e-5)  # timm's hybrid StdConv2dSame/GroupNorm
 # timm name -> (our name, options that reproduce timm's numerics)
@@ -102,6 +106,10 @@ def run(timm_name: str, timm, torch) -> list[tuple[str, float]]:
 
 
 def main(names: list[str]) -> int:
+  if original_npz is None:
+    print("error: tests/ (the reference helpers) is not importable: run this from the repository root "
+          "as .venv/bin/python -m bench.parity_full [TIMM_NAME ...]", file=sys.stderr)
+    return 2
   timm = import_timm()
   import torch
   failed = 0

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import harness  # noqa: E402
+import harness  # noqa: E402  (bench/, beside this script)
 
 # Dense peak TFLOP/s per device: (substring of jax's device_kind, dtype). float32 on NVIDIA GPUs is
 # the TF32 tensor-core peak (JAX's default matmul precision there); first match wins.
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
   preset = harness.apply_preset(args.preset)
   import jax
 
-  from bench import workloads
+  import workloads
 
   options = harness.parse_options(args.option)
   if args.dtype != "float32":

@@ -8,7 +8,7 @@ Data: scikit-learn's 1,797 digits with the library's fixed stratified split
 split pretrain, the 5-9 images of the train split fine-tune, and the 5-9 images of the test split
 (149) measure. Fine-tuning is at twice the resolution: images upsampled bilinearly to 16x16,
 patch 2 as before, so the 4x4 grid of position embeddings is resampled to 8x8 (the original
-zoom) and the head is re-initialised (``load_pretrained(..., reset_head=True)`` from the
+zoom) and the head is re-initialised (``load_pretrained(..., init=["head/.*"])`` from the
 exported npz). The from-scratch model is the same 16x16 model with a fresh initialisation.
 
 Both runs of a seed use the same optimizer, schedule, batches and step function (the library's
@@ -22,23 +22,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..")]
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import harness  # noqa: E402
-from vit_jax import checkpoints, models  # noqa: E402
-from vit_jax.train import optimizer  # noqa: E402
-from vit_jax.train.state import TrainState  # noqa: E402
-from vit_jax.train.step import make_eval_step, make_train_step  # noqa: E402
-from vit_jax.train.task import Classification  # noqa: E402
+import harness  # bench/, beside this script
+from configs import default
+from vit_jax import checkpoints, models
+from vit_jax.train import optimizer
+from vit_jax.train.state import TrainState
+from vit_jax.tasks.classification import Classification
+from vit_jax.train.step import make_eval_step, make_train_step, split_model
 
 MODEL = dict(name="ViT-Ti/2", channels=1, hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
 
@@ -62,13 +60,12 @@ def subset(data, split: str, first: int, size: int):
 
 
 def config(image_size: int, total_steps: int, lr: float, warmup: int) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.model = ml_collections.ConfigDict(MODEL)
+  """configs/default.py with this experiment's model, classes, resolution and schedule."""
+  c = default.get_config()
+  c.model.update(MODEL)
   c.num_classes, c.image_size = 5, image_size
-  c.loss, c.label_smoothing, c.mixup_alpha = "softmax_xent", 0.1, 0.0
-  c.optimizer = ml_collections.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=1e-4,
-                                               grad_clip_norm=1.0))
-  c.lr, c.total_steps, c.warmup = lr, total_steps, warmup
+  c.lr, c.total_steps = lr, total_steps
+  c.schedule.warmup_steps = warmup
   return c
 
 
@@ -78,11 +75,11 @@ def train(model: nnx.Module, c, train_set, test_set, *, seed: int, eval_every: i
   reached every one of ``targets``; returns the accuracy curve and, for each target, the first
   evaluated step that reached it (None: not within ``c.total_steps``)."""
   task = Classification(c)
-  graphdef, state = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(state)
-  schedule = optimizer.make_schedule(c.lr, c.total_steps, name="cosine", warmup_steps=c.warmup)
+  graphdef, params, model_state = split_model(model)
+  schedule = optimizer.make_schedule(c.lr, c.total_steps, **c.schedule)
   tx = optimizer.make_optimizer(c.optimizer, schedule)
-  st = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  st = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                  model_state=model_state)
   step_fn = jax.jit(make_train_step(graphdef, task, tx, schedule, seed=seed), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(graphdef, task))
   x, y = train_set
@@ -98,14 +95,15 @@ def train(model: nnx.Module, c, train_set, test_set, *, seed: int, eval_every: i
     pos += batch_size
     st, _ = step_fn(st, {"image": x[idx], "labels": onehot[y[idx]]})
     if step % eval_every == 0 or step == c.total_steps:
-      sums = jax.device_get(eval_fn(st.params, test))
-      acc = float(sums["top1"] / sums["count"])
+      top1, count = jax.device_get(eval_fn(st.params, st.model_state, test))["top1"]
+      acc = float(top1 / count)
       curve.append((step, acc))
       for t in targets:
         if reached[t] is None and acc >= t:
           reached[t] = step
       if targets and all(v is not None for v in reached.values()):
         break
+  state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.device_get(st.params))
   nnx.update(model, state)  # The trained weights, for exporting.
   return {"curve": curve, "reached": reached, "final": curve[-1][1]}
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ft_cfg = config(16, args.steps, 1e-3, 100)
     finetuned = models.create(MODEL["name"], num_classes=5, image_size=16, rngs=nnx.Rngs(seed), **kw)
-    checkpoints.load_pretrained(finetuned, npz, reset_head=True)
+    checkpoints.load_pretrained(finetuned, npz, init=["head/.*"])
     targets = tuple(args.targets)
     ft = train(finetuned, ft_cfg, ft_train, ft_test, seed=seed, eval_every=args.eval_every, targets=targets)
     scratch = models.create(MODEL["name"], num_classes=5, image_size=16, rngs=nnx.Rngs(seed), **kw)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bench.harness import parse_options  # noqa: F401  (re-exported)
+from harness import parse_options  # noqa: F401  (re-exported)
 from vit_jax import flops, models
 
 
@@ -58,18 +58,16 @@ def trainer_config(name: str, *, batch_size: int, image_size: int = 224, num_cla
                    options: dict[str, Any] | None = None, mesh: str | None = None,
                    grad_clip_norm: float | None = None, label_smoothing: float = 0.0) -> Any:
   """The default config turned into a ``name`` run on synthetic data of this shape (AdamW)."""
-  import ml_collections
-
-  from configs import default
+  from configs import base, default
 
   c = default.get_config()
-  c.model = ml_collections.ConfigDict({"name": name, **(options or {})})
+  c.model = base.model_block(name=name, **(options or {}))
   c.image_size, c.num_classes = image_size, num_classes
   c.batch_size = c.eval_batch_size = batch_size
   c.total_steps = 10_000
   c.label_smoothing, c.mixup_alpha = label_smoothing, 0.0
-  c.optimizer = ml_collections.ConfigDict(dict(name="adamw", b1=0.9, b2=0.999, weight_decay=1e-4,
-                                               grad_clip_norm=grad_clip_norm))
+  c.optimizer.update(name="adamw", weight_decay=1e-4, grad_clip_norm=grad_clip_norm)
+  c.optimizer.adamw.update(b1=0.9, b2=0.999)
   if mesh:
     c.mesh = mesh  # a preset or sizes such as "data=2,fsdp=-1" (vit_jax.train.sharding)
   return c

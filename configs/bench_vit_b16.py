@@ -9,7 +9,7 @@ Reaches: the first training step within 60 s of starting on a 2-core CPU (docs/b
 
 import ml_collections
 
-from configs import default
+from configs import base, default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,12 +21,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pp_train = ("decode|inception_crop(224)|flip_lr|value_range(-1, 1)|onehot(10)"
                 "|keep('image', 'labels')")
   c.pp_eval = "decode|resize(224)|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"
-  c.model = ml_collections.ConfigDict(dict(name="ViT-B/16", scan=False))
+  c.model = base.model_block(name="ViT-B/16", scan=False)
   c.batch_size = 8
   c.eval_batch_size = 8
   c.total_steps = 3
   c.lr = 1e-4
-  c.schedule = ml_collections.ConfigDict(dict(name="constant", warmup_steps=0))
+  c.schedule.update(name="constant", warmup_steps=0)
   c.label_smoothing = 0.0
   c.log_every = 1
   c.eval_every = 1_000

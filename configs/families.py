@@ -12,7 +12,7 @@ The full-size models are the registered names themselves ("R50+ViT-B/16", "BiT-R
 
 import ml_collections
 
-from configs import default
+from configs import base, default
 
 MODELS = {
     # ResNet root (7x7/2 conv, 3x3/2 pool) and one stage of one unit: a 2x2 map of 128 channels
@@ -35,5 +35,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/families.py takes one of {sorted(MODELS)} as ARG "
                      f"(configs/families.py:mixer), got {arg!r}")
   c = default.get_config()
-  c.model = ml_collections.ConfigDict(MODELS[arg])
+  c.model = base.model_block(**MODELS[arg])
   return c

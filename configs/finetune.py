@@ -32,7 +32,7 @@ import os
 
 import ml_collections
 
-from configs import default
+from configs import base, default
 
 IMAGE_SIZE = 384
 # dataset: (classes, train split, eval split, steps, warm-up steps)
@@ -98,19 +98,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pp_train = f"decode|inception_crop({IMAGE_SIZE}, antialias=False)|flip_lr|{common}"
   c.pp_eval = f"decode|resize({IMAGE_SIZE}, antialias=False)|{common}"
 
-  c.model = ml_collections.ConfigDict(dict(name=model))
-  c.pretrained = ml_collections.config_dict.placeholder(str)
-  c.pretrained_options = ml_collections.ConfigDict(dict(
-      format="auto", resample_posemb="zoom", reset_head=True))
+  c.model = base.model_block(name=model)
+  # The head is new (zeros); a representation layer of the checkpoint is dropped.
+  c.pretrained_options.update(init=["head/.*", "pre_logits/.*"], resample_posemb="zoom")
 
   c.batch_size = 512
   c.grad_accum_steps = 8
   c.eval_batch_size = 512
   c.total_steps = steps
   c.lr = 0.01 if (model.replace("_", "/"), dataset) == ("ViT-B/16", "cifar10") else 0.03
-  c.schedule = ml_collections.ConfigDict(dict(name="cosine", warmup_steps=warmup))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="sgd", momentum=0.9, mu_dtype="bfloat16", grad_clip_norm=1.0, weight_decay=0.0))
+  c.schedule.update(name="cosine", warmup_steps=warmup)
+  c.optimizer.update(name="sgd", grad_clip_norm=1.0, weight_decay=0.0)
+  c.optimizer.sgd.update(momentum=0.9, accumulator_dtype="bfloat16")
   c.loss = "softmax_xent"
   c.label_smoothing = 0.0
   c.mixup_alpha = 0.0

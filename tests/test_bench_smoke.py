@@ -15,13 +15,13 @@ SCRIPTS = ["inference", "train_step", "compare_timm", "ablations", "input_pipeli
 TINY = ["--image-size", "32", "--option", "num_layers=1"]
 
 
-def run_script(name, *args, timeout=120):
+def run_script(name, *args, timeout=120, cwd=ROOT):
   # One real CPU device, as a user runs them (the suite's conftest forces 8 fake ones).
   env = dict(os.environ, XLA_FLAGS=" ".join(
       f for f in os.environ.get("XLA_FLAGS", "").split()
       if not f.startswith("--xla_force_host_platform_device_count")))
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
+                        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -38,8 +38,9 @@ def check_load_record(load):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_help(name):
-  assert "usage:" in run_script(name, "--help", timeout=60)
+def test_help(name, tmp_path):
+  # From another directory: vit_jax and configs come from the installed package, harness from bench/.
+  assert "usage:" in run_script(name, "--help", timeout=60, cwd=tmp_path)
 
 
 def test_inference(tmp_path):

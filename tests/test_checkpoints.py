@@ -277,43 +277,83 @@ def test_scanned_model_loads_and_exports_like_the_unrolled_one(tmp_path):
 
 # ---------------------------------------------------------------- adaptation: head, pre_logits, cls
 
-def test_head_reset_when_classes_differ(tmp_path):
+def test_new_head_for_other_classes_when_init_names_it(tmp_path):
   path = write_original(tmp_path / "o.npz", num_classes=10)
-  model = checkpoints.load_pretrained(randomized(ours(num_classes=5)), path)
+  model = checkpoints.load_pretrained(ours(num_classes=5), path, init=["head/.*"])
   p, src = params(model), np.load(path)
-  np.testing.assert_array_equal(p["head/kernel"], np.zeros((192, 5)))
+  np.testing.assert_array_equal(p["head/kernel"], np.zeros((192, 5)))  # the model's zero init
   np.testing.assert_array_equal(p["head/bias"], np.zeros(5))
   np.testing.assert_array_equal(p["embedding/kernel"], src["embedding/kernel"])
+  # "Initialised" is whatever the model holds: a model with another head keeps it.
+  own = randomized(ours(num_classes=5))
+  own_head = params(own)["head/kernel"]
+  np.testing.assert_array_equal(params(checkpoints.load_pretrained(own, path, init=["head/.*"]))["head/kernel"],
+                                own_head)
 
 
 def test_head_reset_on_request_and_kept_otherwise(tmp_path):
   path = write_original(tmp_path / "o.npz")
   kept = params(checkpoints.load_pretrained(ours(), path))
   np.testing.assert_array_equal(kept["head/kernel"], np.load(path)["head/kernel"])
-  reset = params(checkpoints.load_pretrained(ours(), path, reset_head=True))
+  reset = params(checkpoints.load_pretrained(ours(), path, init=["head/.*"]))
   assert not reset["head/kernel"].any() and not reset["head/bias"].any()
-  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"head/kernel: \(192, 10\) vs \(192, 5\)"):
-    checkpoints.load_pretrained(ours(num_classes=5), path, reset_head=False)
+  np.testing.assert_array_equal(reset["cls"], np.load(path)["cls"])
+  # A misfit head is refused, naming the arrays and the option that accepts them.
+  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+    checkpoints.load_pretrained(ours(num_classes=5), path)
+  message = str(e.value)
+  assert "head/kernel: (192, 10) vs (192, 5)" in message and "head/bias: (10,) vs (5,)" in message
+  assert "init=['head/.*']" in message
 
 
-def test_pre_logits_dropped_and_head_reset_for_a_model_without_representation(tmp_path):
+def test_pre_logits_dropped_only_when_init_names_it(tmp_path):
   path = write_original(tmp_path / "o.npz", representation=192)
-  model = checkpoints.load_pretrained(randomized(ours()), path)
+  model = checkpoints.load_pretrained(ours(), path, init=["head/.*", "pre_logits/.*"])
   p = params(model)
   assert not any(k.startswith("pre_logits") for k in p)
   assert not p["head/kernel"].any()  # Same shape, but it was trained on top of pre_logits.
+  with pytest.raises(checkpoints.CheckpointMismatchError) as e:
+    checkpoints.load_pretrained(ours(), path)
+  message = str(e.value)
+  assert "unexpected (the model has no such parameter):\n  pre_logits/bias (192,)\n  pre_logits/kernel (192, 192)" in message
+  assert "init=['pre_logits/.*']" in message
   with_rep = checkpoints.load_pretrained(ours(representation_size=192), path)
   np.testing.assert_array_equal(params(with_rep)["pre_logits/kernel"], np.load(path)["pre_logits/kernel"])
   plain = write_original(tmp_path / "plain.npz")
   with pytest.raises(checkpoints.CheckpointMismatchError, match=r"missing from the checkpoint:\n  pre_logits/bias"):
     checkpoints.load_pretrained(ours(representation_size=192), plain)
+  fresh = ours(representation_size=192)
+  want = params(fresh)["pre_logits/kernel"]
+  new_rep = params(checkpoints.load_pretrained(fresh, plain, init=["pre_logits/.*"]))
+  np.testing.assert_array_equal(new_rep["pre_logits/kernel"], want)
+  np.testing.assert_array_equal(new_rep["head/kernel"], np.load(plain)["head/kernel"])
 
 
 def test_token_checkpoint_into_gap_model_drops_cls_and_its_posemb(tmp_path):
   path = write_original(tmp_path / "o.npz")
-  model = checkpoints.load_pretrained(ours(classifier="gap"), path)
+  model = checkpoints.load_pretrained(ours(classifier="gap"), path, init=["cls"])
   pe = np.load(path)["Transformer/posembed_input/pos_embedding"]
   np.testing.assert_array_equal(params(model)["Transformer/posembed_input/pos_embedding"], pe[:, 1:])
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"(?s)unexpected.*\n  cls \(1, 1, 192\).*init=\['cls'\]"):
+    checkpoints.load_pretrained(ours(classifier="gap"), path)
+
+
+def test_load_patterns_take_only_what_they_name(tmp_path):
+  """load= selects parameters; the rest keep the model's values, per layer even when scanned."""
+  path = write_original(tmp_path / "o.npz")
+  src = np.load(path)
+  for scan in (False, True):
+    fresh = randomized(ours(scan=scan), seed=4)
+    before = params(fresh)
+    got = params(checkpoints.load_pretrained(fresh, path, load=["Transformer/.*"],
+                                             init=["Transformer/blocks/1/.*"]))
+    np.testing.assert_array_equal(got["Transformer/blocks/0/MlpBlock_3/Dense_0/kernel"],
+                                  src["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"])
+    np.testing.assert_array_equal(got["Transformer/encoder_norm/scale"], src["Transformer/encoder_norm/scale"])
+    for k in ("Transformer/blocks/1/MlpBlock_3/Dense_0/kernel", "embedding/kernel", "cls", "head/kernel"):
+      np.testing.assert_array_equal(got[k], before[k], err_msg=f"{k} scan={scan}")
+  with pytest.raises(ValueError, match=r"init: '\(' is not a valid regex"):
+    checkpoints.load_pretrained(ours(), path, init=["("])
 
 
 def test_pre_linen_opt_target_prefix_is_stripped(tmp_path):

@@ -128,8 +128,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
 
 
 HALF_SAVE = """
-import os, sys
-sys.path.insert(0, {root!r})
+import os
 from tests.train_configs import tiny_config
 from vit_jax.train import checkpointing, trainer
 setup = trainer.make_setup(tiny_config())

@@ -1,5 +1,6 @@
-"""Hybrid ResNet+ViT, BiT ResNets, MLP-Mixer and TNT: exact sizes, parity with timm on the same
-weights (small sizes; the full sizes: bench/parity_full.py), released formats, training, sharding."""
+"""Hybrid ResNet+ViT, BiT ResNets, MLP-Mixer and TNT: parity with timm on the same weights (small
+sizes; the full sizes: bench/parity_full.py), released formats, training, sharding. Exact sizes:
+tests/test_registry.py."""
 
 from __future__ import annotations
 
@@ -26,22 +27,6 @@ from vit_jax.train import trainer
 
 TOL = 1e-4
 TIMM_NUMERICS = dict(ws_style="var", ws_eps=1e-8, gn_eps=1e-5)  # timm's StdConv2dSame, GroupNormAct
-
-# 224 px, 1000 classes (the issue's numbers; timm's models have the same counts).
-COUNTS = {
-    "R50+ViT-B/16": 98_659_112, "R50+ViT-L/32": 328_994_856, "R26+ViT-S/32": 36_431_912,
-    "R26+ViT-B/32": 101_383_976, "R+ViT-Ti/16": 6_337_704, "Mixer-S/16": 18_528_264,
-    "Mixer-B/16": 59_880_472, "Mixer-B/32": 60_293_428, "Mixer-L/16": 208_196_168,
-    "TNT-S/16": 23_768_584, "TNT-B/16": 65_428_680, "BiT-R50x1": 25_549_352,
-    "BiT-R101x1": 44_541_480, "BiT-R50x3": 217_319_080,
-}
-
-
-@pytest.mark.parametrize("name", list(COUNTS))
-def test_parameter_counts_are_exact(name):
-  model = nnx.eval_shape(lambda: models.create(name, num_classes=1000))
-  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert count == COUNTS[name]
 
 
 # ------------------------------------------------------------------ parity with timm (small sizes)
@@ -225,7 +210,8 @@ def test_checkpoint_of_another_family_is_a_clear_error(tmp_path, timm):
 def test_new_head_for_other_classes(tmp_path, timm):
   ref, name, options = reference(timm, "bit")
   path = save_safetensors(ref, tmp_path / "bit.safetensors")
-  model = checkpoints.load_pretrained(models.create(name, num_classes=3, image_size=32, **options), path)
+  model = checkpoints.load_pretrained(models.create(name, num_classes=3, image_size=32, **options), path,
+                                     init=["head/.*"])
   arrays = param_tree.model_arrays(model, ())
   assert not arrays["head/kernel"].any() and arrays["head/kernel"].shape == (256, 3)
   np.testing.assert_array_equal(arrays["gn_final/scale"], state_dict_numpy(ref)["norm.weight"])

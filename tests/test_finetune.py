@@ -35,9 +35,14 @@ def test_recipe_values(arg, want):
              warmup=c.schedule.warmup_steps, train_split=c.train_split, eval_split=c.eval_split)
   assert {k: got[k] for k in want} == want
   assert (c.batch_size, c.grad_accum_steps, c.image_size) == (512, 8, 384)
-  assert dict(c.optimizer) == dict(name="sgd", momentum=0.9, mu_dtype="bfloat16", grad_clip_norm=1.0,
-                                   weight_decay=0.0)
-  assert c.schedule.name == "cosine" and c.pretrained_options.reset_head is True
+  o = c.optimizer
+  assert (o.name, o.grad_clip_norm, o.weight_decay) == ("sgd", 1.0, 0.0)
+  assert (o.sgd.momentum, o.sgd.nesterov, o.sgd.accumulator_dtype) == (0.9, False, "bfloat16")
+  assert (list(o.lr_mults), list(o.wd_mults), list(o.frozen)) == ([], [], [])
+  # A new zero head; a representation layer of the checkpoint is dropped (or re-initialised).
+  assert c.schedule.name == "cosine"
+  assert list(c.pretrained_options.init) == ["head/.*", "pre_logits/.*"]
+  assert list(c.pretrained_options.load) == [".*"]
   assert c.model.name == arg.split(",")[0].split("=")[1]
 
 
@@ -72,12 +77,14 @@ def test_command_line_takes_the_pretrained_path():
 
 def test_finetune_mocked_cifar10_from_an_npz(tmp_path):
   """The recipe scaled down: a 16 px, 5-class 'pretrained' model fine-tuned at 32 px on 10
-  mocked CIFAR-10 classes (position embeddings resampled 2x2 -> 4x4, head re-initialised)."""
+  mocked CIFAR-10 classes (position embeddings resampled 2x2 -> 4x4, head re-initialised, the
+  checkpoint's representation layer dropped: the recipe's init=["head/.*", "pre_logits/.*"])."""
   import tensorflow_datasets as tfds
   from vit_jax.train import trainer
 
   tiny = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
-  pretrained = models.create("ViT-Ti/8", num_classes=5, image_size=16, rngs=nnx.Rngs(3), **tiny)
+  pretrained = models.create("ViT-Ti/8", num_classes=5, image_size=16, rngs=nnx.Rngs(3),
+                             representation_size=32, **tiny)
   rng = np.random.default_rng(0)
   arrays = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
             for k, v in param_tree.model_arrays(pretrained, ["Transformer/blocks"]).items()}
@@ -108,6 +115,7 @@ def test_finetune_mocked_cifar10_from_an_npz(tmp_path):
   np.testing.assert_array_equal(pe, posemb.resample_posemb(src["Transformer/posembed_input/pos_embedding"], 17))
   assert pe.shape == (1, 17, 32)
   assert not np.asarray(init["head"]["kernel"]).any() and init["head"]["kernel"].shape == (32, 10)
+  assert "pre_logits/kernel" in src.files and "pre_logits" not in init
   assert final["step"] == 4 and 0.0 <= final["top1"] <= 1.0 and np.isfinite(final["loss"])
   with open(tmp_path / "work" / "metrics.jsonl") as f:
     lines = [json.loads(l) for l in f]

@@ -29,7 +29,6 @@ def test_reexecutes_once_with_the_tunable(tmp_path):
   script = tmp_path / "probe.py"
   script.write_text(
       "import os, sys\n"
-      f"sys.path.insert(0, {ROOT!r})\n"
       "print('start', sys.argv[1:], flush=True)\n"
       "from vit_jax import host_memory\n"
       "host_memory.use_huge_pages()\n"

@@ -78,7 +78,7 @@ def test_own_orbax_checkpoint_with_a_labels_file(tmp_path, image_files):
   from vit_jax.train.state import TrainState
   model = tiny_model(3, seed=2)
   state = TrainState(step=np.int32(7), params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                     opt_state={"count": np.zeros((), np.int32)})
+                     opt_state={"count": np.zeros((), np.int32)}, model_state={})
   signature = {"task": "classification", "model": "ViT-Ti/16", "num_classes": 3, "image_size": 32,
                "options": TINY}
   ckpt = Checkpointer(str(tmp_path / "work" / "checkpoints"), async_save=False)

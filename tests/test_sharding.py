@@ -143,7 +143,7 @@ def test_checkpoint_restores_bit_equal_on_other_meshes(tmp_path):
 def test_scan_remat_bf16_and_mu_dtype_switches():
   c = mesh_config("fsdp=8")
   c.model.update(scan=True, remat="save_dots", dtype="bfloat16")
-  c.optimizer.mu_dtype = "bfloat16"
+  c.optimizer.adamw.mu_dtype = "bfloat16"
   setup = trainer.make_setup(c)
   state = setup.init_state()
   mu = adam_state(state.opt_state).mu["Transformer"]["blocks"]["MlpBlock_3"]["Dense_0"]["kernel"]

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from tests.train_configs import tiny_config
-from vit_jax.train import checkpointing, losses, optimizer, trainer
+from vit_jax.tasks import classification as losses
+from vit_jax.train import checkpointing, optimizer, trainer
 
 
 def fixed_batch(setup, n=32, seed=0):
@@ -58,6 +59,11 @@ def test_unknown_schedule_and_optimizer():
   cfg.optimizer.name = "lamb"
   with pytest.raises(ValueError, match=r"optimizer 'lamb' is not one of \('adamw', 'sgd', 'adafactor'\)"):
     trainer.make_setup(cfg)
+  cfg = tiny_config()
+  cfg.optimizer.adamw.beta1 = 0.9
+  with pytest.raises(ValueError, match="optimizer.adamw has no option 'beta1'; optax.scale_by_adam "
+                                       "takes: b1, b2, eps, eps_root, mu_dtype, nesterov"):
+    trainer.make_setup(cfg)
 
 
 def test_weight_decay_only_on_kernels():
@@ -68,13 +74,22 @@ def test_weight_decay_only_on_kernels():
   assert mask["embedding"]["kernel"] and not mask["embedding"]["bias"] and not mask["cls"]
   assert not mask["Transformer"]["posembed_input"]["pos_embedding"]
   assert not mask["Transformer"]["encoder_norm"]["scale"]
+  # The optimizer decays exactly those leaves: with zero gradients, sgd and lr 1, the update of
+  # each leaf is -weight_decay * value on kernels and 0 elsewhere.
+  tx = optimizer.make_optimizer(dict(name="sgd", weight_decay=0.5, sgd=dict(momentum=0.0)),
+                                lambda step: 1.0)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    want = -0.5 if optimizer.param_path(path) == "embedding/kernel" else 0.0
+    np.testing.assert_array_equal(u, want, err_msg=optimizer.param_path(path))
 
 
-@pytest.mark.parametrize("name,extra", [("adamw", {}), ("sgd", {"momentum": 0.9}),
-                                        ("adafactor", {"momentum": 0.9})])
-def test_optimizers_train(name, extra):
+@pytest.mark.parametrize("name,options", [("adamw", {}), ("sgd", {"momentum": 0.9}),
+                                          ("adafactor", {"momentum": 0.9})])
+def test_optimizers_train(name, options):
   cfg = tiny_config(lr=3e-3)
-  cfg.optimizer = dict(name=name, weight_decay=1e-4, grad_clip_norm=1.0, **extra)
+  cfg.optimizer.update(name=name, weight_decay=1e-4, grad_clip_norm=1.0)
+  cfg.optimizer[name].update(options)  # optax's own option names
   setup = trainer.make_setup(cfg)
   state, step, batch = setup.init_state(), setup.jit_train_step(), fixed_batch(setup)
   state, metrics = step(state, batch)

@@ -1,12 +1,135 @@
-"""Flag parsing shared by train.py and evaluate.py: config overrides fail with a clear message."""
+"""What train.py, evaluate.py and predict.py share: the process set-up before JAX starts, and flag parsing.
+
+Every script does the same three things, and imports no JAX at module level::
+
+  command_line.define_process_flags()          # at import: --xla_preset, --host_memory, --fake_devices
+
+  if __name__ == "__main__":
+    command_line.prepare_process(sys.argv)     # host memory, fake devices, XLA flags; may re-execute
+    app.run(main, flags_parser=command_line.parse_flags)
+
+(predict.py, whose own options argparse reads, parses with ``known_only=True`` and hands the rest
+on.) Importing a script therefore sets nothing up and never re-executes anything.
+
+``prepare_process`` reads the process flags from ``argv`` itself, before absl parses anything:
+glibc reads its tunables only at process start (``vit_jax/host_memory.py`` re-executes the
+program with one) and XLA reads ``XLA_FLAGS`` at the first ``import jax``, which loading a config
+file or a model may do. absl then parses the same flags as usual (so ``--help`` lists them), and
+``parse_flags`` checks that what it parsed is what was applied.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
+import textwrap
+from typing import Sequence
 
 from absl import flags
+
+from vit_jax import host_memory, xla_presets  # neither imports JAX
+
+# Flags defined by define_process_flags() belong to the script that calls it (its --help lists them).
+flags.disclaim_key_flags()
+
+PROCESS_FLAGS = ("xla_preset", "host_memory", "fake_devices")
+DEFAULT_XLA_PRESET = "cpu"
+DEFAULT_HOST_MEMORY = "hugepages"
+
+_applied: dict[str, object] | None = None  # the process flags prepare_process applied in this process
+
+
+def define_process_flags() -> None:
+  """Defines the absl flags --xla_preset, --host_memory and --fake_devices (once per process)."""
+  if PROCESS_FLAGS[0] in flags.FLAGS:
+    return
+  flags.DEFINE_enum(
+      "xla_preset", DEFAULT_XLA_PRESET, sorted(xla_presets.PRESETS),
+      "XLA flags preset, set before JAX starts (vit_jax/xla_presets.py); 'cpu' touches only the CPU "
+      "backend, 'none' keeps XLA's defaults (measured: docs/benchmarks.md).")
+  flags.DEFINE_enum(
+      "host_memory", DEFAULT_HOST_MEMORY, list(host_memory.POLICIES),
+      "hugepages: back the large blocks XLA allocates at every step with transparent huge pages "
+      "(restarts the process with a glibc tunable; vit_jax/host_memory.py; measured: "
+      "docs/benchmarks.md). release: glibc's defaults.")
+  flags.DEFINE_integer(
+      "fake_devices", None,
+      "Run on this many fake CPU devices (sets JAX_PLATFORMS=cpu and XLA's host platform device "
+      "count), e.g. to compile a mesh with train.py --dry_run.", lower_bound=1)
+
+
+def _argv_value(argv: Sequence[str], name: str) -> str | None:
+  """The value of ``--name=V`` or ``--name V`` (or one dash) in argv, as absl will read it (the
+  last one given; nothing after ``--``); None when absent."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    for prefix in (f"--{name}", f"-{name}"):
+      if arg.startswith(prefix + "="):
+        value = arg.split("=", 1)[1]
+      elif arg == prefix and i + 1 < len(argv):
+        value = argv[i + 1]
+  return value
+
+
+def _usage_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def prepare_process(argv: Sequence[str]) -> None:
+  """Applies the process flags in ``argv`` (``sys.argv``) before JAX's first import.
+
+  In order: the host memory policy (``hugepages`` re-executes the program with a glibc tunable,
+  once; see vit_jax/host_memory.py), ``--fake_devices`` (``JAX_PLATFORMS=cpu`` and XLA's host
+  device count) and the XLA preset (``XLA_FLAGS``). Also quiets TensorFlow's C++ logging. A bad
+  value exits with status 2 and a one-line message, before anything is applied.
+  """
+  global _applied
+  if "jax" in sys.modules:
+    raise RuntimeError("prepare_process must run before jax is imported")
+  policy = _argv_value(argv, "host_memory")
+  policy = DEFAULT_HOST_MEMORY if policy is None else policy
+  preset = _argv_value(argv, "xla_preset")
+  preset = DEFAULT_XLA_PRESET if preset is None else preset
+  fake_devices = _argv_value(argv, "fake_devices")
+  if policy not in host_memory.POLICIES:
+    _usage_error(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
+  if preset not in xla_presets.PRESETS:
+    _usage_error(f"--xla_preset {preset!r} is not one of {sorted(xla_presets.PRESETS)}")
+  if fake_devices is not None:
+    try:
+      fake_devices = int(fake_devices)
+    except ValueError:
+      fake_devices = 0
+    if fake_devices < 1:
+      _usage_error(f"--fake_devices {_argv_value(argv, 'fake_devices')!r} is not a positive integer")
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  host_memory.apply(policy)  # may replace this process with a new one that starts over
+  if fake_devices is not None:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={fake_devices}").strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  xla_presets.apply(preset)
+  _applied = {"xla_preset": preset, "host_memory": policy, "fake_devices": fake_devices}
+
+
+def process_flags_help() -> str:
+  """The process flags' help text, for a script that parses its own options with argparse."""
+  define_process_flags()
+  lines = ["process flags (applied before JAX starts; the same in train.py and evaluate.py):"]
+  for name in PROCESS_FLAGS:
+    flag = flags.FLAGS[name]
+    values = getattr(flag.parser, "enum_values", None)
+    lines.append(f"  --{name} {'{' + ','.join(values) + '}' if values else 'N'}")
+    text = re.sub(r"^<[^>]*>: ", "", flag.help)  # absl puts an enum's values before its help
+    lines += textwrap.wrap(f"{text} (default: {flag.default if flag.default is not None else 'none'})",
+                           92, initial_indent=" " * 6, subsequent_indent=" " * 6)
+  return "\n".join(lines)
 
 
 def _config_keys(argv: list[str]) -> list[str]:
@@ -34,10 +157,15 @@ def _config_keys(argv: list[str]) -> list[str]:
   return sorted(walk(config))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, turning an unknown ``--config.KEY`` into a one-line error and exit code 2."""
+def parse_flags(argv: list[str], known_only: bool = False) -> list[str]:
+  """absl's parser, turning an unknown ``--config.KEY`` into a one-line error and exit code 2.
+
+  ``known_only``: leave flags absl does not know in the returned arguments (for a script that
+  parses its own options after absl, as predict.py). After ``prepare_process``, a process flag
+  whose parsed value differs from the applied one (set in a ``--flagfile``) is an error too.
+  """
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv, known_only=known_only)
   except (AttributeError, KeyError, flags.Error) as e:
     match = re.search(r"'([^']+)'", str(e))
     bad = [a for a in argv[1:] if a.startswith("--config.")]
@@ -49,3 +177,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     else:
       print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  for name, value in (_applied or {}).items():
+    if name in flags.FLAGS and flags.FLAGS[name].value != value:
+      _usage_error(f"--{name} is applied before flags are parsed: give it on the command line, "
+                   "not in a --flagfile")
+  return rest

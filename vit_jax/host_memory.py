@@ -1,23 +1,21 @@
 """Transparent huge pages for the large blocks of host memory that XLA allocates at every step.
 
-XLA's CPU runtime allocates a computation's temporaries when it starts and frees them when it ends:
-1.66 GiB for a ViT-Ti/16 train step at batch 32. glibc serves blocks that large with a fresh
-``mmap`` and unmaps them on ``free``, so every step faults its temporaries in again, one zero-filled
-4 KiB page at a time: 425,000-513,000 page faults and about 1 s of kernel CPU time per ViT-Ti/16
-step on the 2-core dev box, where the step takes 1.6 s (docs/benchmarks.md, "Host memory").
+XLA's CPU runtime allocates a computation's temporaries when it starts and frees them when it ends.
+glibc serves blocks that large with a fresh ``mmap`` and unmaps them on ``free``, so every step
+faults its temporaries in again, one zero-filled 4 KiB page at a time.
 
 With glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later) malloc asks the kernel for
-transparent huge pages for such blocks: 2 MiB pages and about 280 times fewer faults; the step
-was 1.40x as fast in bench/ablations.py (the pages are still zero-filled, at a kernel cost that
-varied from run to run). Memory goes back to the kernel as before. glibc
-reads its tunables once, at process start, so ``use_huge_pages()`` re-executes the program with the
-tunable set; ``train.py`` and ``evaluate.py`` call it first thing. Where glibc is older or the
-kernel's transparent huge pages are off, it does nothing.
+transparent huge pages for such blocks: 2 MiB pages, so far fewer page faults (the kernel still
+zero-fills them). Memory goes back to the kernel as before. glibc reads its tunables once, at
+process start, so ``use_huge_pages()`` re-executes the program with the tunable set; the
+command-line scripts do so through ``vit_jax.command_line.prepare_process`` (``--host_memory
+hugepages``, the default) before anything else runs. Where glibc is older or the kernel's
+transparent huge pages are off, it does nothing. (measured: docs/benchmarks.md, "Host memory")
 
 Rejected: keeping the freed memory in glibc's heap (one arena, no ``mmap``, no trimming) avoids the
-faults altogether and made the bare step about 10% faster still, but in a real training run (input
-pipeline, evaluation, checkpoints) the heap fragmented and the resident set of a 60-step ViT-Ti/16
-run grew from 3.6 GiB to 9.9 GiB.
+faults altogether, but in a real training run (input pipeline, evaluation, checkpoints) the heap
+fragmented and the resident set grew well past that of glibc's defaults. (measured:
+docs/benchmarks.md, "Host memory")
 """
 
 from __future__ import annotations

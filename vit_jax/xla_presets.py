@@ -1,14 +1,12 @@
 """XLA flag presets: named sets of ``XLA_FLAGS`` that must be set before JAX is imported.
 
   cpu:  XLA runs matmuls with its Eigen kernels while YNNPACK keeps the reductions
-        (``--xla_cpu_experimental_ynn_fusion_type=reduce``). It touches only the CPU backend. On
-        the 2-core dev box, in six alternating rounds of fresh processes, a ViT-Ti/16 forward pass
-        at batch 8 was faster with it in every round (median 9%) and a train step at batch 32 by
-        a median 4% (two rounds of six slower): ``bench/ablations.py --variants
-        shipped,preset_none``, docs/benchmarks.md, "Where the speed comes from".
+        (``--xla_cpu_experimental_ynn_fusion_type=reduce``). It touches only the CPU backend.
+        (measured: docs/benchmarks.md, "Where the speed comes from")
   none: XLA's defaults.
 
-``train.py --xla_preset NAME`` and the ``bench/`` scripts' ``--preset NAME`` apply one.
+The scripts' ``--xla_preset NAME`` (``vit_jax.command_line.prepare_process``) and the ``bench/``
+scripts' ``--preset NAME`` apply one.
 """
 
 from __future__ import annotations

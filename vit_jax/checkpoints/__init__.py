@@ -1,6 +1,6 @@
 """Released checkpoints in and out of the models of ``vit_jax.models``; never imports TensorFlow.
 
-    load_pretrained(model, path, *, format="auto", resample_posemb="zoom", reset_head=None)
+    load_pretrained(model, path, *, format="auto", resample_posemb="zoom", load=(".*",), init=())
     export_npz(model, path, format="vit" | "big_vision", *, scan=False)
     infer_model(path) -> (ModelSpec, Checkpoint)   # which model a file holds (predict.py)
 
@@ -8,13 +8,18 @@ Read: the original ViT ``.npz`` (``npz_vit.py``), big_vision ``.npz`` including 
 (``npz_big_vision.py``), timm names as ``.safetensors`` or torch state dicts
 (``timm_names.py``; torch is imported only for torch files), and this library's orbax
 checkpoints (``native.py``). Position embeddings are resampled to the model's grid
-(``posemb.py``), the head is re-initialised when the classes differ, and anything else that does
-not fit raises ``CheckpointMismatchError`` listing every misshaped, missing and unexpected path.
+(``posemb.py``). Which parameters come from the file is the caller's choice: ``load`` and
+``init`` are full-match regexes of per-layer model names; a parameter matching ``load`` and no
+``init`` pattern is loaded, the others keep the model's initialisation (``init=["head/.*"]``: a
+new head for other classes), and checkpoint arrays matching ``init`` are dropped
+(``"pre_logits/.*"``: a representation layer the model lacks). Anything else that does not fit
+raises ``CheckpointMismatchError`` listing every misshaped, missing and unexpected path and the
+``init`` patterns that would accept them.
 
 Extension point (other model families): add a module ``vit_jax/checkpoints/<family>.py``; it
 is imported automatically (every module of this package is, on first use) and registers
   * ``mapping.register_family(Family(name, model_type=YourModel, layer_lists=..., posemb=...,
-    head=..., optional=..., infer=...))``: the model side;
+    head=..., infer=...))``: the model side;
   * ``mapping.register_format(Format(family=name, name="vit", rules=(...), detect=...,
     containers=("npz",), prepare=..., finish=...))``: one per checkpoint naming scheme, with
     ``Rule`` s mapping checkpoint templates to per-layer model templates (``rename`` for plain

@@ -53,8 +53,6 @@ register_family(Family(
     layer_lists=(npz_vit.BLOCKS,),
     posemb=(npz_vit.POSEMB,),
     head="head",
-    optional=("pre_logits", "cls"),
-    reset_head_when_dropped=("pre_logits",),
     infer=infer_hybrid,
 ))
 

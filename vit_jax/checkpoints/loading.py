@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+import re
+from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -55,12 +57,39 @@ def to_model_arrays(family: Family, fmt: Format, arrays: Arrays,
   return unstacked, origin
 
 
-def _has_prefix(key: str, prefix: str) -> bool:
-  return key == prefix or key.startswith(prefix + "/")
+def _patterns(patterns, option: str) -> list[re.Pattern]:
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  out = []
+  for p in patterns or ():
+    if not isinstance(p, str):
+      raise ValueError(f"{option}: {p!r} is not a regex string")
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"{option}: {p!r} is not a valid regex ({e})") from None
+  return out
+
+
+def _matches(patterns: list[re.Pattern], key: str) -> bool:
+  return any(p.fullmatch(key) for p in patterns)
+
+
+def _init_suggestion(keys: list[str], universe: list[str]) -> list[str]:
+  """A few ``init`` patterns naming ``keys``: ``top/.*`` for a top-level name all of whose
+  entries (in ``universe``) are listed, the exact key otherwise."""
+  out = []
+  for key in keys:
+    top = key.split("/")[0]
+    whole = all(k in keys for k in universe if k.split("/")[0] == top)
+    pattern = (top if top == key else f"{top}/.*") if whole else re.escape(key)
+    if pattern not in out:
+      out.append(pattern)
+  return out
 
 
 def _mismatch_message(path: str, fmt: str, model: nnx.Module, misshaped, missing, unexpected,
-                      origin) -> str:
+                      origin, shapes, arrays) -> str:
   lines = [f"checkpoint {path!r} (format {fmt!r}) does not fit this {type(model).__name__}: "
            f"{len(misshaped)} misshaped, {len(missing)} missing and {len(unexpected)} "
            "unexpected parameters."]
@@ -77,11 +106,46 @@ def _mismatch_message(path: str, fmt: str, model: nnx.Module, misshaped, missing
   if unexpected:
     lines.append("unexpected (the model has no such parameter):")
     lines += [f"  {name(k)} {s}" for k, s in unexpected]
+  hint = []
+  not_loaded = [k for k, *_ in misshaped] + [k for k, _ in missing]
+  if not_loaded:
+    hint.append("name the misshaped and missing parameters in init=[...] to keep the model's "
+                "own initialisation for them instead (a new head: init=['head/.*'])")
+  if unexpected:
+    hint.append("name the unexpected checkpoint arrays in init=[...] to drop them (a "
+                "representation layer the model lacks: init=['pre_logits/.*'])")
+  suggestion = (_init_suggestion(not_loaded, list(shapes))
+                + _init_suggestion([k for k, _ in unexpected], list(arrays)))
+  lines.append("To accept them, " + "; ".join(hint) + (
+      f". Here: init={suggestion}." if len(suggestion) <= 4 else
+      ". (So many differences suggest another architecture: check the model's options.)"))
   return "\n".join(lines)
 
 
+def _model_values(model: nnx.Module, keys: list[str], layer_lists) -> Arrays:
+  """The current values of the per-layer parameters ``keys`` of ``model`` (fetching only the
+  variables that hold them)."""
+  flat = {"/".join(str(getattr(p, "key", p)) for p in path): v
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+  def holder(key):
+    if key in flat:
+      return key
+    for prefix in layer_lists:
+      m = re.fullmatch(re.escape(prefix) + r"/\d+/(.+)", key)
+      if m and f"{prefix}/{m[1]}" in flat:
+        return f"{prefix}/{m[1]}"
+    raise AssertionError(f"no model variable holds {key}")
+
+  needed = {holder(k) for k in keys}
+  values = param_tree.unstack_layers(
+      {n: np.asarray(jax.device_get(flat[n][...])) for n in needed}, layer_lists)
+  return {k: values[k] for k in keys}
+
+
 def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpoint, *, format: str = "auto",  # pylint: disable=redefined-builtin
-                    resample_posemb: str = "zoom", reset_head: bool | None = None) -> nnx.Module:
+                    resample_posemb: str = "zoom", load: Sequence[str] = (".*",),
+                    init: Sequence[str] = ()) -> nnx.Module:
   """Loads the checkpoint at ``path`` into ``model``'s parameters, in place; returns ``model``.
 
   Args:
@@ -93,30 +157,51 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
       "big_vision", "timm", "vit_jax").
     resample_posemb: how to resample position embeddings to the model's grid: "zoom"
       (the original's ``scipy.ndimage.zoom(order=1)``), "bilinear" or "bicubic".
-    reset_head: True re-initialises the head to zero, False keeps it (and fails if it does not
-      fit); None (default) resets it when the checkpoint has none, when its shape differs (other
-      number of classes) or when a representation layer is dropped.
+    load: regexes of model parameters to take from the checkpoint.
+    init: regexes of model parameters to keep as the model initialised them (and of checkpoint
+      arrays to drop).
 
-  Dropped without error: checkpoint parameters of the family's ``optional`` prefixes that the
-  model lacks (``pre_logits`` when the model has no representation layer, ``cls`` when it
-  pools without a class token). Anything else that does not fit raises
-  ``CheckpointMismatchError`` listing every misshaped, missing and unexpected parameter.
+  Patterns are Python regexes matched against the whole per-layer model name
+  (``re.fullmatch``): ``head/kernel``, ``pre_logits/bias``, ``cls``,
+  ``Transformer/blocks/3/LayerNorm_0/scale`` (per layer even for a ``scan=True`` model),
+  ``Transformer/posembed_input/pos_embedding``. Checkpoint names are mapped to these first.
+
+  * A model parameter is taken from the checkpoint iff it matches some ``load`` pattern and no
+    ``init`` pattern; otherwise it keeps its current value (the model's initialisation: zeros
+    for a ViT's head).
+  * A checkpoint array that is not taken is dropped (logged at INFO) if it maps to a model
+    parameter that keeps its initialisation, or if it matches an ``init`` pattern (so
+    ``init=["pre_logits/.*"]`` drops a representation layer the model lacks, ``init=["cls"]`` a
+    class token a ``gap`` model has no use for). Any other array the model lacks is unexpected.
+  * Every model parameter to take that the checkpoint lacks (missing) or holds with another
+    shape (misshaped), and every unexpected array, raise one ``CheckpointMismatchError``
+    listing them all, with the ``init`` patterns that would accept them.
+
+  Position embeddings are resampled to the model's grid first (a class token's row is kept
+  apart, or dropped for a model without one), so a new resolution is never a mismatch. Typical:
+  ``init=["head/.*"]`` for a new head (other classes), ``init=["head/.*", "pre_logits/.*"]`` to
+  also drop (or re-initialise) a representation layer, the original fine-tuning recipe.
   """
   if resample_posemb not in posemb.METHODS:
     raise ValueError(f"resample_posemb {resample_posemb!r} is not one of {posemb.METHODS}")
-  if reset_head not in (None, True, False):
-    raise ValueError(f"reset_head must be True, False or None (automatic), got {reset_head!r}")
+  load_rx, init_rx = _patterns(load, "load"), _patterns(init, "init")
   family = mapping.family_of(model)
   ckpt = path if isinstance(path, readers.Checkpoint) else readers.read(os.fspath(path))
   fmt, prepared = detect_format(family, ckpt, format)
   shapes = param_tree.model_shapes(model, family.layer_lists)
   arrays, origin = to_model_arrays(family, fmt, prepared, shapes)
+  all_arrays = list(arrays)
 
-  dropped = sorted({p for k in arrays for p in family.optional
-                    if _has_prefix(k, p) and not any(_has_prefix(m, p) for m in shapes)})
-  arrays = {k: v for k, v in arrays.items() if not any(_has_prefix(k, p) for p in dropped)}
-  for p in dropped:
-    log.info("load_pretrained: dropped %s (the model has none)", p)
+  taken = [k for k in shapes if _matches(load_rx, k) and not _matches(init_rx, k)]
+  taken_set = set(taken)
+  kept = [k for k in shapes if k not in taken_set]
+  dropped = sorted((k for k in arrays if k not in taken_set
+                    and (k in shapes or _matches(init_rx, k))), key=natural_key)
+  arrays = {k: v for k, v in arrays.items() if k not in set(dropped)}
+  if dropped:
+    log.info("load_pretrained: dropped checkpoint arrays %s", ", ".join(dropped))
+  if kept:
+    log.info("load_pretrained: kept the model's initialisation for %s", ", ".join(kept))
 
   for key in family.posemb:
     if key in arrays and key in shapes and arrays[key].shape != shapes[key]:
@@ -125,28 +210,19 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
         arrays[key] = posemb.resample_posemb(arrays[key], new[1], resample_posemb)
         log.info("load_pretrained: resampled %s from %s to %s (%s)", key, old, new, resample_posemb)
 
-  head_keys = [k for k in shapes if _has_prefix(k, family.head)]
-  if reset_head is None:
-    ckpt_head = [k for k in arrays if _has_prefix(k, family.head)]
-    reset_head = bool(head_keys) and (
-        not ckpt_head or any(k in shapes and arrays[k].shape != shapes[k] for k in ckpt_head)
-        or any(_has_prefix(d, p) for d in dropped for p in family.reset_head_when_dropped))
-  if reset_head:
-    arrays = {k: v for k, v in arrays.items() if not _has_prefix(k, family.head)}
-    arrays.update({k: np.zeros(shapes[k], np.float32) for k in head_keys})
-    log.info("load_pretrained: head re-initialised to zeros")
-
-  misshaped = [(k, tuple(arrays[k].shape), tuple(shapes[k])) for k in shapes
+  misshaped = [(k, tuple(arrays[k].shape), tuple(shapes[k])) for k in taken
                if k in arrays and tuple(arrays[k].shape) != tuple(shapes[k])]
-  missing = [(k, tuple(shapes[k])) for k in shapes if k not in arrays]
+  missing = [(k, tuple(shapes[k])) for k in taken if k not in arrays]
   unexpected = [(k, tuple(arrays[k].shape)) for k in arrays if k not in shapes]
   if misshaped or missing or unexpected:
     order = lambda item: natural_key(item[0])
     raise CheckpointMismatchError(_mismatch_message(
         ckpt.path, fmt.name, model, sorted(misshaped, key=order), sorted(missing, key=order),
-        sorted(unexpected, key=order), origin))
+        sorted(unexpected, key=order), origin, shapes, all_arrays))
+  if kept:
+    arrays.update(_model_values(model, kept, family.layer_lists))
   param_tree.assign(model, arrays, family.layer_lists)
-  log.info("load_pretrained: loaded %d arrays from %s (format %s)", len(arrays), ckpt.path, fmt.name)
+  log.info("load_pretrained: loaded %d arrays from %s (format %s)", len(taken), ckpt.path, fmt.name)
   return model
 
 

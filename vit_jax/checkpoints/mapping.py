@@ -1,8 +1,9 @@
 """The tables that say how checkpoint names map to model parameter names.
 
 A *family* (``Family``) describes the model side: which model class it covers, which per-layer
-lists may be stored stacked, which position embeddings get resampled, where the head is, and
-which checkpoint parameters may be dropped when the model has none. A *format* (``Format``)
+lists may be stored stacked, which position embeddings get resampled and where the head is
+(which parameters to load or keep as initialised is the caller's choice: ``load_pretrained``'s
+``load`` and ``init`` patterns). A *format* (``Format``)
 describes one checkpoint naming scheme for one family as an ordered list of ``Rule`` s.
 
 Names on both sides are '/'-joined paths (timm's '.'-joined names are kept as they are). Model
@@ -155,10 +156,8 @@ class Family:
     as ``blocks/{i}/...`` or stacked on a leading axis as ``blocks/...``.
   posemb: model paths of learned position embeddings [1, tokens, width] resampled to the
     model's grid (class-token rows kept apart).
-  head: model path prefix of the classifier, reset to zeros when classes differ.
-  optional: model path prefixes a checkpoint may hold that the model may lack (dropped then).
-  reset_head_when_dropped: dropping one of these prefixes re-initialises the head (the head
-    was trained on top of it).
+  head: model path prefix of the classifier (``load_pretrained(..., init=["head/.*"])`` keeps
+    a new model's head instead of the checkpoint's).
   infer: checkpoint arrays in model names -> ModelSpec (for predict.py), or None.
   """
   name: str
@@ -166,8 +165,6 @@ class Family:
   layer_lists: tuple[str, ...] = ()
   posemb: tuple[str, ...] = ()
   head: str = "head"
-  optional: tuple[str, ...] = ()
-  reset_head_when_dropped: tuple[str, ...] = ()
   infer: Callable[[Arrays], ModelSpec] | None = None
 
 

@@ -69,8 +69,6 @@ register_family(Family(
     layer_lists=(BLOCKS,),
     posemb=(POSEMB,),
     head="head",
-    optional=("pre_logits", "cls"),
-    reset_head_when_dropped=("pre_logits",),
     infer=infer_vit,
 ))
 

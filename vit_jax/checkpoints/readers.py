@@ -165,7 +165,7 @@ def read_orbax(path: str) -> tuple[Arrays, dict, str]:
   """The parameters and meta of a trainer checkpoint: (arrays, meta, step directory)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  step_dir = _orbax_step_dir(path)
+  step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax misreads relative paths' metadata
   state_dir = os.path.join(step_dir, "state")
   with ocp.PyTreeCheckpointer() as ckptr:
     metadata = ckptr.metadata(state_dir)

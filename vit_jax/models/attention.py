@@ -18,9 +18,8 @@ class MultiHeadAttention(nnx.Module):
   (heads, head_dim, embed), exactly as in the released checkpoints.
 
   ``implementation``:
-    "explicit" (default): einsums in the heads-major layout [B, H, T, Dh], any backend (on the
-        CPU a ViT-Ti/16 attention block's forward and backward pass, and a ViT-Ti/16 forward
-        pass at batch 8, are about 1.2x as fast as with "xla"; bench/ablations.py);
+    "explicit" (default): einsums in the heads-major layout [B, H, T, Dh], any backend; on the
+        CPU it is faster than "xla" (measured: docs/benchmarks.md);
     "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that implementation ("cudnn": fused
         flash attention on NVIDIA GPUs).
   Where the weights themselves are needed (attention dropout in training, ``keep_weights``)
@@ -77,3 +76,14 @@ def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
   """softmax(q k^T) over the keys, for [..., T, Dh] queries and keys (softmax in float32)."""
   logits = jnp.einsum("...qd,...kd->...qk", q, k)
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+
+def attention_flops(q_tokens: int, kv_tokens: int, dim: int, heads: int, head_dim: int,
+                    out_dim: int | None = None) -> int:
+  """FLOPs (2 x multiply-adds) of ``MultiHeadAttention``: the query, key and value projections,
+  the scores, the weighted sum of the values and the output projection."""
+  inner = heads * head_dim
+  macs = (q_tokens * dim * inner + 2 * kv_tokens * dim * inner  # query, key, value
+          + 2 * q_tokens * kv_tokens * inner                  # q·k scores, weights·v
+          + q_tokens * inner * (out_dim or dim))              # output projection
+  return 2 * macs

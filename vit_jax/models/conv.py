@@ -18,6 +18,8 @@ from vit_jax.models.layers import Initializer, lecun_normal, param, zeros
 # "var": (w - mean) / sqrt(var + eps), timm's StdConv2d / StdConv2dSame (eps 1e-8 for BiT and hybrids).
 WS_STYLES = ("std", "var")
 CONV_AXES = (None, None, "conv_in", "conv_out")
+# Sharding of those axes (``vit_jax.train.sharding``): FSDP splits the output channels.
+CONV_RULES = (("conv_in", None), ("conv_out", "fsdp"))
 
 
 def weight_standardize(w: jax.Array, style: str, eps: float) -> jax.Array:

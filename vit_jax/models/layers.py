@@ -23,6 +23,15 @@ xavier_uniform = jax.nn.initializers.xavier_uniform()
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
 
+# Compute dtypes by config name; parameters stay float32 whatever the compute dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_dtype(dtype: str) -> None:
+  """Raises a ValueError unless ``dtype`` names one of ``DTYPES``."""
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -> nnx.Param:
   """A float32 parameter initialised by ``init`` and annotated with logical axis names."""
@@ -34,8 +43,8 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes) -
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """GELU; exact (erf) by default as in PyTorch and timm, tanh form when ``approximate``.
 
-  The exact form is PyTorch's ``x / 2 * (1 + erf(x / sqrt(2)))``: on the CPU its forward and
-  backward pass is about 1.3x as fast as ``jax.nn.gelu``'s erfc form (``bench/ablations.py``).
+  The exact form is written as PyTorch's ``x / 2 * (1 + erf(x / sqrt(2)))`` rather than with
+  ``jax.nn.gelu``'s erfc form, for its speed on the CPU (measured: docs/benchmarks.md).
   """
   if approximate:
     return jax.nn.gelu(x, approximate=True)
@@ -65,9 +74,8 @@ class Dense(nnx.Module):
       raise ValueError(f"Dense expects inputs ending in {self.in_shape}, got shape {x.shape}")
     lead = x.shape[:x.ndim - n_in]
     # One 2-D matmul over all leading axes: the gradient of the kernel is then a plain
-    # [in, rows] x [rows, out] product with no transposed copy of the activations (on the
-    # CPU an MLP block's forward and backward pass was 1.06-1.13x as fast in two runs;
-    # bench/ablations.py).
+    # [in, rows] x [rows, out] product with no transposed copy of the activations (measured:
+    # docs/benchmarks.md).
     y = matmul_2d(x.astype(self.dtype).reshape(-1, math.prod(self.in_shape)),
                   self.kernel[...].astype(self.dtype).reshape(math.prod(self.in_shape), -1))
     if self.bias is not None:
@@ -141,3 +149,8 @@ class Mlp(nnx.Module):
     x = dropout(x, self.dropout_rate, train=train, rngs=rngs)
     x = self.Dense_1(x)
     return dropout(x, self.dropout_rate, train=train, rngs=rngs)
+
+
+def mlp_flops(tokens: int, dim: int, hidden: int) -> int:
+  """FLOPs (2 x multiply-adds) of ``Mlp(dim, hidden)`` on ``tokens`` tokens: its two matmuls."""
+  return 2 * 2 * tokens * dim * hidden

@@ -11,17 +11,14 @@ LayerNorm eps 1e-6 as the original; GELU exact by default (timm), tanh with
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax.models import registry
-from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, lecun_normal, zeros
-from vit_jax.models.vit import DTYPES
+from vit_jax.models import patches, registry
+from vit_jax.models.layers import DTYPES, Dense, LayerNorm, Mlp, drop_path, lecun_normal, mlp_flops, zeros
 
 
 # Width, depth, token-mixing MLP width, channel-mixing MLP width (Mixer paper Table 1).
@@ -34,7 +31,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class MixerConfig:
+class MixerConfig(patches.PatchConfig):
   num_classes: int
   patch_size: int = 16
   image_size: int = 224
@@ -48,16 +45,6 @@ class MixerConfig:
   dtype: str = "float32"
   gelu_approximate: bool = False
   layernorm_eps: float = 1e-6
-
-  def __post_init__(self):
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch size {self.patch_size}")
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
 
 
 class MixerBlock(nnx.Module):
@@ -97,19 +84,14 @@ class MlpMixer(nnx.Module):
                       dtype=dtype)
 
   def check_images(self, images: jax.Array) -> None:
-    cfg = self.config
-    want = (cfg.image_size, cfg.image_size, cfg.channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: it takes NHWC "
-                       f"batches of shape (batch, {want[0]}, {want[1]}, {want[2]})")
+    patches.check_images(images, self.config.image_size, self.config.channels)
 
   def encode(self, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     """All tokens after the final norm: [B, grid*grid, hidden]."""
     cfg = self.config
     self.check_images(images)
-    b, p, g = images.shape[0], cfg.patch_size, cfg.grid
-    x = images.reshape(b, g, p, g, p, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = self.stem(x).reshape(b, g * g, cfg.hidden_size)
+    b, g = images.shape[0], cfg.grid
+    x = self.stem(patches.patchify(images, cfg.patch_size)).reshape(b, g * g, cfg.hidden_size)
     for block in self.blocks:
       x = block(x, train=train, rngs=rngs)
     return self.pre_head_layer_norm(x)
@@ -120,21 +102,28 @@ class MlpMixer(nnx.Module):
     return self.head(x).astype(jnp.float32)
 
 
-def _build(match: re.Match, *, num_classes: int, image_size: int, rngs: nnx.Rngs,
-           overrides: dict[str, Any]) -> MlpMixer:
-  kwargs = {**VARIANTS[match["variant"]], "patch_size": int(match["patch"]), **overrides}
-  fields = {f.name for f in dataclasses.fields(MixerConfig)}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(f"unknown Mixer option(s) {unknown}; valid options: "
-                     f"{sorted(fields - {'num_classes', 'image_size'})}")
-  return MlpMixer(MixerConfig(num_classes=num_classes, image_size=image_size, **kwargs), rngs=rngs)
+# Every option of ``models.create`` for a Mixer (the config's fields but the class count and size).
+OPTIONS = registry.config_options(MixerConfig)
+
+
+def mixer_flops(model: MlpMixer) -> int:
+  """2 x multiply-adds per image: patch embedding, token- and channel-mixing MLPs, head."""
+  c = model.config
+  n, d = c.grid ** 2, c.hidden_size
+  block = mlp_flops(d, n, c.tokens_mlp_dim) + mlp_flops(n, d, c.channels_mlp_dim)
+  return 2 * n * c.patch_size ** 2 * c.channels * d + c.num_layers * block + 2 * d * c.num_classes
 
 
 registry.register_family(
     "Mixer",
     pattern=r"Mixer-(?P<variant>S|B|L|H)[/_](?P<patch>\d+)",
-    build=_build,
+    build=registry.patch_model_builder("Mixer", MlpMixer, MixerConfig, VARIANTS, OPTIONS),
     examples=("Mixer-S/16", "Mixer-B/16", "Mixer-B/32", "Mixer-L/16"),
     help="Mixer-{S,B,L,H}/<patch>: MLP-Mixer; 'Mixer-B_16' spelling accepted",
+    sizes=VARIANTS,
+    flops=mixer_flops,
+    # The token-mixing MLP's input and output (the number of patches) stay whole.
+    sharding_rules=(("tokens", None),),
+    options=OPTIONS,
+    checkpoint_family="Mixer",
 )

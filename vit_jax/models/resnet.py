@@ -25,9 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vit_jax.models import registry
-from vit_jax.models.conv import WS_STYLES, Conv, GroupNorm, conv_out_size, max_pool
-from vit_jax.models.layers import Dense, lecun_normal, zeros
-from vit_jax.models.vit import DTYPES
+from vit_jax.models.conv import CONV_RULES, WS_STYLES, Conv, GroupNorm, conv_out_size, max_pool
+from vit_jax.models.layers import DTYPES, Dense, check_dtype, lecun_normal, zeros
 
 PADDINGS = ("same", "symmetric")
 he_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -63,8 +62,7 @@ class ResNetConfig:
       raise ValueError(f"padding {self.padding!r} is not one of {PADDINGS}")
     if self.ws_style not in WS_STYLES:
       raise ValueError(f"ws_style {self.ws_style!r} is not one of {WS_STYLES}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
+    check_dtype(self.dtype)
     if any(n < 1 for n in self.layers):
       raise ValueError(f"layers {self.layers}: every stage needs at least one unit")
 
@@ -72,21 +70,23 @@ class ResNetConfig:
   def out_channels(self) -> int:
     return 4 * self.width * 2 ** (len(self.layers) - 1) if self.layers else self.width
 
+  def conv_padding(self, kernel: int) -> str | int:
+    """Padding of a ``kernel`` x ``kernel`` conv or pool: TensorFlow "SAME" or symmetric pixels."""
+    return "SAME" if self.padding == "same" else (kernel - 1) // 2
+
   def feature_size(self, image_size: int | None = None) -> int:
     """Spatial size of the output feature map for square inputs of ``image_size``."""
     size = image_size or self.image_size
-    pad = "SAME" if self.padding == "same" else 3
-    size = conv_out_size(size, 7, 2, pad)
-    size = conv_out_size(size, 3, 2, "SAME" if self.padding == "same" else 1)
+    size = conv_out_size(size, 7, 2, self.conv_padding(7))
+    size = conv_out_size(size, 3, 2, self.conv_padding(3))
     for i in range(1, len(self.layers)):
-      size = conv_out_size(size, 3, 2, "SAME" if self.padding == "same" else 1)
+      size = conv_out_size(size, 3, 2, self.conv_padding(3))
     return size
 
 
 def _conv(cfg: ResNetConfig, cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> Conv:
-  padding = "SAME" if cfg.padding == "same" else (kernel - 1) // 2
-  return Conv(cin, cout, kernel, stride=stride, padding=padding, ws_style=cfg.ws_style,
-              ws_eps=cfg.ws_eps, rngs=rngs, dtype=DTYPES[cfg.dtype],
+  return Conv(cin, cout, kernel, stride=stride, padding=cfg.conv_padding(kernel),
+              ws_style=cfg.ws_style, ws_eps=cfg.ws_eps, rngs=rngs, dtype=DTYPES[cfg.dtype],
               kernel_init=he_normal_fan_out if cfg.preact else lecun_normal)
 
 
@@ -167,10 +167,7 @@ class ResNet(nnx.Module):
 
   def __init__(self, cfg: ResNetConfig, *, rngs: nnx.Rngs):
     self.config = cfg
-    pad = "SAME" if cfg.padding == "same" else 3
-    self.conv_root = Conv(cfg.channels, cfg.width, 7, stride=2, padding=pad, ws_style=cfg.ws_style,
-                          ws_eps=cfg.ws_eps, rngs=rngs, dtype=DTYPES[cfg.dtype],
-                          kernel_init=he_normal_fan_out if cfg.preact else lecun_normal)
+    self.conv_root = _conv(cfg, cfg.channels, cfg.width, 7, 2, rngs)
     self.gn_root = None if cfg.preact else _gn(cfg, cfg.width, rngs)
     cin = cfg.width
     for s, num_units in enumerate(cfg.layers):
@@ -197,7 +194,7 @@ class ResNet(nnx.Module):
     x = self.conv_root(images)
     if self.gn_root is not None:
       x = jax.nn.relu(self.gn_root(x))
-    x = max_pool(x, 3, 2, "SAME" if cfg.padding == "same" else 1)
+    x = max_pool(x, 3, 2, cfg.conv_padding(3))
     for s in range(len(cfg.layers)):
       x = getattr(self, f"block{s + 1}")(x)
     if self.gn_final is not None:
@@ -215,8 +212,30 @@ class ResNet(nnx.Module):
 
 BIT_DEFAULTS = dict(preact=True, padding="symmetric", ws_style="var", ws_eps=1e-8, gn_eps=1e-5)
 HYBRID_DEFAULTS = dict(preact=False, padding="same", ws_style="std", ws_eps=1e-5, gn_eps=1e-6)
-BIT_OPTIONS = ("layers", "width", "channels", "padding", "ws_style", "ws_eps", "gn_eps", "gn_groups",
-               "dtype")
+# Option name -> type of every ResNetConfig field (the BiT and hybrid options are some of them).
+RESNET_TYPES = registry.config_options(ResNetConfig, exclude=())
+BIT_OPTIONS = {name: RESNET_TYPES[name] for name in ("layers", "width", "channels", "padding",
+                                                      "ws_style", "ws_eps", "gn_eps", "gn_groups",
+                                                      "dtype")}
+
+
+def resnet_flops(cfg: ResNetConfig) -> int:
+  """2 x multiply-adds per image of a bottleneck ResNet (BiT or a hybrid's stem): the
+  convolutions as in ``ResNet`` (every tap, padding included), then the head if any."""
+  size = conv_out_size(cfg.image_size, 7, 2, cfg.conv_padding(7))
+  flops = 2 * size * size * 49 * cfg.channels * cfg.width
+  size = conv_out_size(size, 3, 2, cfg.conv_padding(3))  # max pool
+  cin = cfg.width
+  for s, units in enumerate(cfg.layers):
+    f = cfg.width * 2 ** s
+    for u in range(units):
+      stride = 2 if (s > 0 and u == 0) else 1
+      out = conv_out_size(size, 3, stride, cfg.conv_padding(3))
+      flops += 2 * (size * size * cin * f + out * out * 9 * f * f + out * out * f * 4 * f)
+      if cin != 4 * f or stride != 1:
+        flops += 2 * out * out * cin * 4 * f
+      size, cin = out, 4 * f
+  return flops + (2 * cin * cfg.num_classes if cfg.num_classes else 0)
 
 
 def _build_bit(match: re.Match, *, num_classes: int, image_size: int, rngs: nnx.Rngs,
@@ -224,10 +243,8 @@ def _build_bit(match: re.Match, *, num_classes: int, image_size: int, rngs: nnx.
   depth, factor = int(match["depth"]), int(match["factor"])
   if depth not in DEPTHS:
     raise ValueError(f"BiT-R{depth}x{factor}: depth {depth} is not one of {sorted(DEPTHS)}")
-  unknown = sorted(set(overrides) - set(BIT_OPTIONS))
-  if unknown:
-    raise ValueError(f"unknown BiT option(s) {unknown}; valid options: {sorted(BIT_OPTIONS)} "
-                     f"(a ReLU ResNet has no GELU, dropout or attention options)")
+  registry.check_options("BiT", overrides, BIT_OPTIONS,
+                         " (a ReLU ResNet has no GELU, dropout or attention options)")
   kwargs = {**BIT_DEFAULTS, "layers": DEPTHS[depth], "width": 64 * factor, **overrides}
   cfg = ResNetConfig(num_classes=num_classes, image_size=image_size, **kwargs)
   return ResNet(cfg, rngs=rngs)
@@ -239,4 +256,9 @@ registry.register_family(
     build=_build_bit,
     examples=("BiT-R50x1", "BiT-R50x3", "BiT-R101x1", "BiT-R101x3", "BiT-R152x2"),
     help="BiT-R{26,50,101,152}x<width factor>: pre-activation ResNetV2 (timm resnetv2_*_bit)",
+    sizes=DEPTHS,
+    flops=lambda model: resnet_flops(model.config),
+    sharding_rules=CONV_RULES,
+    options=BIT_OPTIONS,
+    checkpoint_family="BiT",
 )

@@ -11,19 +11,16 @@ no qkv bias. Attention is the shared ``attention.MultiHeadAttention``; timm's fu
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax.models import registry
-from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models import patches, registry
+from vit_jax.models.attention import MultiHeadAttention, attention_flops
 from vit_jax.models.conv import Conv
-from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, dropout, param
-from vit_jax.models.vit import DTYPES
+from vit_jax.models.layers import DTYPES, Dense, LayerNorm, Mlp, drop_path, dropout, mlp_flops, param
 
 trunc_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
 
@@ -35,7 +32,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TNTConfig:
+class TNTConfig(patches.PatchConfig):
   num_classes: int
   patch_size: int = 16
   image_size: int = 224
@@ -56,16 +53,6 @@ class TNTConfig:
   gelu_approximate: bool = False
   attention: str = "explicit"
   layernorm_eps: float = 1e-5
-
-  def __post_init__(self):
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch size {self.patch_size}")
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
 
   @property
   def pixel_grid(self) -> int:
@@ -157,49 +144,56 @@ class TNT(nnx.Module):
                       kernel_init=trunc_normal, dtype=dtype)
 
   def check_images(self, images: jax.Array) -> None:
-    cfg = self.config
-    want = (cfg.image_size, cfg.image_size, cfg.channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: it takes NHWC "
-                       f"batches of shape (batch, {want[0]}, {want[1]}, {want[2]})")
+    patches.check_images(images, self.config.image_size, self.config.channels)
 
   def encode(self, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
     """All patch tokens (cls first) after the final norm: [B, 1+grid*grid, hidden]."""
     cfg = self.config
     self.check_images(images)
     b, p, g = images.shape[0], cfg.patch_size, cfg.grid
-    x = images.reshape(b, g, p, g, p, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b * g * g, p, p, cfg.channels)
+    x = patches.patchify(images, p).reshape(b * g * g, p, p, cfg.channels)
     pixels = self.pixel_embed.proj(x) + self.pixel_pos[...].astype(x.dtype)
     pixels = pixels.reshape(b * g * g, cfg.num_pixels, cfg.inner_size)
-    patches = self.norm2_proj(self.proj(self.norm1_proj(pixels.reshape(b, g * g, -1))))
-    cls = jnp.broadcast_to(self.cls_token[...].astype(patches.dtype), (b, 1, cfg.hidden_size))
-    patches = jnp.concatenate([cls, patches], axis=1) + self.patch_pos[...].astype(patches.dtype)
-    patches = dropout(patches, cfg.dropout_rate, train=train, rngs=rngs)
+    tokens = self.norm2_proj(self.proj(self.norm1_proj(pixels.reshape(b, g * g, -1))))
+    cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype), (b, 1, cfg.hidden_size))
+    tokens = jnp.concatenate([cls, tokens], axis=1) + self.patch_pos[...].astype(tokens.dtype)
+    tokens = dropout(tokens, cfg.dropout_rate, train=train, rngs=rngs)
     for block in self.blocks:
-      pixels, patches = block(pixels, patches, train=train, rngs=rngs)
-    return self.norm(patches)
+      pixels, tokens = block(pixels, tokens, train=train, rngs=rngs)
+    return self.norm(tokens)
 
   def __call__(self, images: jax.Array, *, train: bool = False,
                rngs: nnx.Rngs | None = None) -> jax.Array:
     return self.head(self.encode(images, train=train, rngs=rngs)[:, 0]).astype(jnp.float32)
 
 
-def _build(match: re.Match, *, num_classes: int, image_size: int, rngs: nnx.Rngs,
-           overrides: dict[str, Any]) -> TNT:
-  kwargs = {**VARIANTS[match["variant"]], "patch_size": int(match["patch"]), **overrides}
-  fields = {f.name for f in dataclasses.fields(TNTConfig)}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(f"unknown TNT option(s) {unknown}; valid options: "
-                     f"{sorted(fields - {'num_classes', 'image_size'})}")
-  return TNT(TNTConfig(num_classes=num_classes, image_size=image_size, **kwargs), rngs=rngs)
+# Every option of ``models.create`` for a TNT (the config's fields but the class count and size).
+OPTIONS = registry.config_options(TNTConfig)
+
+
+def tnt_flops(model: TNT) -> int:
+  """2 x multiply-adds per image: per-patch pixel conv, pixel->patch projections, inner and
+  outer transformers, head."""
+  c = model.config
+  n, p, d_in, d = c.grid ** 2, c.num_pixels, c.inner_size, c.hidden_size
+  tokens = n + 1
+  flops = 2 * n * p * 49 * c.channels * d_in + 2 * n * p * d_in * d  # pixel embed, first proj
+  inner = n * (attention_flops(p, p, d_in, c.inner_heads, d_in // c.inner_heads)
+               + mlp_flops(p, d_in, int(d_in * c.inner_mlp_ratio)))
+  outer = (attention_flops(tokens, tokens, d, c.num_heads, d // c.num_heads)
+           + mlp_flops(tokens, d, int(d * c.mlp_ratio)))
+  flops += c.num_layers * (inner + 2 * n * p * d_in * d + outer)
+  return flops + 2 * d * c.num_classes
 
 
 registry.register_family(
     "TNT",
     pattern=r"TNT-(?P<variant>S|B)[/_](?P<patch>\d+)",
-    build=_build,
+    build=registry.patch_model_builder("TNT", TNT, TNTConfig, VARIANTS, OPTIONS),
     examples=("TNT-S/16", "TNT-B/16"),
     help="TNT-{S,B}/<patch>: Transformer iN Transformer (timm tnt_{s,b}_patch16_224)",
+    sizes=VARIANTS,
+    flops=tnt_flops,
+    options=OPTIONS,
+    checkpoint_family="TNT",
 )

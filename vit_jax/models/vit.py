@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax.models import registry
-from vit_jax.models.attention import MultiHeadAttention
+from vit_jax.models import patches, registry
+from vit_jax.models.attention import MultiHeadAttention, attention_flops
 from vit_jax.models.layer_stack import apply_blocks, make_blocks
-from vit_jax.models.layers import Dense, LayerNorm, Mlp, drop_path, dropout, lecun_normal, param, zeros
+from vit_jax.models.layers import (DTYPES, Dense, LayerNorm, Mlp, drop_path, dropout, lecun_normal,
+                                   mlp_flops, param, zeros)
 
 CLASSIFIERS = ("token", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Width, depth, MLP width, heads (ViT paper Table 1; g from "Scaling Vision Transformers").
 VARIANTS: dict[str, dict[str, int]] = {
@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(patches.PatchConfig):
   """Everything that defines a ViT; ``models.create`` fills it from a name and overrides."""
   num_classes: int
   patch_size: int = 16
@@ -65,14 +65,7 @@ class ViTConfig:
       raise ValueError(f"classifier {self.classifier!r} is not one of {CLASSIFIERS}")
     if self.posemb not in POSEMBS:
       raise ValueError(f"posemb {self.posemb!r} is not one of {POSEMBS}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch size {self.patch_size}")
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
+    super().__post_init__()
 
 
 def sincos2d(grid: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -188,18 +181,13 @@ class VisionTransformer(nnx.Module):
                       kernel_init=zeros, dtype=dtype)
 
   def check_images(self, images: jax.Array) -> None:
-    cfg = self.config
-    want = (cfg.image_size, cfg.image_size, cfg.channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: it takes NHWC "
-                       f"batches of shape (batch, {want[0]}, {want[1]}, {want[2]})")
+    patches.check_images(images, self.config.image_size, self.config.channels)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Patchify and project: [B, H, W, C] -> [B, grid*grid, hidden] (a strided conv as a matmul)."""
     cfg = self.config
-    b, p, g = images.shape[0], cfg.patch_size, cfg.grid
-    x = images.reshape(b, g, p, g, p, cfg.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = self.embedding(x)
+    b, g = images.shape[0], cfg.grid
+    x = self.embedding(patches.patchify(images, cfg.patch_size))
     x = x.reshape(b, g * g, cfg.hidden_size)
     if cfg.posemb == "sincos2d":
       x = x + jnp.asarray(sincos2d(g, cfg.hidden_size), x.dtype)[None]
@@ -233,21 +221,37 @@ class VisionTransformer(nnx.Module):
     return self.head(x).astype(jnp.float32)
 
 
-def _build(variant: str, patch: int, num_classes: int, image_size: int, rngs: nnx.Rngs,
-           overrides: dict[str, Any]) -> VisionTransformer:
-  kwargs = {**VARIANTS[variant], "patch_size": patch, **overrides}
-  fields = {f.name for f in dataclasses.fields(ViTConfig)}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(f"unknown ViT option(s) {unknown}; valid options: {sorted(fields - {'num_classes', 'image_size'})}")
-  cfg = ViTConfig(num_classes=num_classes, image_size=image_size, **kwargs)
-  return VisionTransformer(cfg, rngs=rngs)
+# Every option of ``models.create`` for a ViT (the config's fields but the class count and size).
+OPTIONS = registry.config_options(ViTConfig)
+
+
+def vit_flops(model: Any) -> int:
+  """2 x multiply-adds per image: patch embedding, encoder blocks, pooling (token, gap or MAP
+  head), pre-logits, head. ``model.config`` is a ``ViTConfig`` (a hybrid's ViT part too)."""
+  c = model.config
+  num_patches = c.grid ** 2
+  tokens = num_patches + (1 if c.classifier == "token" else 0)
+  d, head_dim = c.hidden_size, c.hidden_size // c.num_heads
+  flops = 2 * num_patches * c.patch_size ** 2 * c.channels * d
+  block = attention_flops(tokens, tokens, d, c.num_heads, head_dim) + mlp_flops(tokens, d, c.mlp_dim)
+  flops += c.num_layers * block
+  if c.classifier == "map":
+    flops += attention_flops(1, tokens, d, c.num_heads, head_dim) + mlp_flops(1, d, c.mlp_dim)
+  width = d
+  if c.representation_size:
+    flops += 2 * d * c.representation_size
+    width = c.representation_size
+  return flops + 2 * width * c.num_classes
 
 
 registry.register_family(
     "ViT",
     pattern=r"ViT-(?P<variant>Ti|S|B|L|H|g)[/_](?P<patch>\d+)",
-    build=lambda m, **kw: _build(m["variant"], int(m["patch"]), **kw),
+    build=registry.patch_model_builder("ViT", VisionTransformer, ViTConfig, VARIANTS, OPTIONS),
     examples=("ViT-Ti/16", "ViT-S/16", "ViT-B/16", "ViT-B/32", "ViT-L/16", "ViT-H/14", "ViT-g/14"),
     help="ViT-{Ti,S,B,L,H,g}/<patch>, any patch size; 'ViT-B_16' spelling accepted",
+    sizes=VARIANTS,
+    flops=vit_flops,
+    options=OPTIONS,
+    checkpoint_family="ViT",
 )

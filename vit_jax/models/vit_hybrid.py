@@ -15,16 +15,17 @@ these backbones (``BACKBONES``); ``resnet_layers=...`` with ``patch_size=...`` g
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any
 
 import jax
 from flax import nnx
 
-from vit_jax.models import registry
-from vit_jax.models.resnet import HYBRID_DEFAULTS, ResNet, ResNetConfig
-from vit_jax.models.vit import VARIANTS, ViTConfig, VisionTransformer
+from vit_jax.models import patches, registry
+from vit_jax.models.conv import CONV_RULES
+from vit_jax.models.resnet import HYBRID_DEFAULTS, RESNET_TYPES, ResNet, ResNetConfig, resnet_flops
+from vit_jax.models.vit import OPTIONS as VIT_OPTIONS
+from vit_jax.models.vit import VARIANTS, ViTConfig, VisionTransformer, vit_flops
 
 # (ResNet depth in the name, "/N" of the name) -> (units per stage, patch size on the feature map).
 BACKBONES: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {
@@ -37,6 +38,7 @@ BACKBONES: dict[tuple[str, int], tuple[tuple[int, ...], int]] = {
 RESNET_OPTIONS = {"resnet_layers": "layers", "resnet_width": "width", "ws_style": "ws_style",
                   "ws_eps": "ws_eps", "gn_eps": "gn_eps", "gn_groups": "gn_groups",
                   "resnet_padding": "padding"}
+OPTIONS = {**VIT_OPTIONS, **{key: RESNET_TYPES[field] for key, field in RESNET_OPTIONS.items()}}
 
 
 class HybridViT(VisionTransformer):
@@ -52,10 +54,7 @@ class HybridViT(VisionTransformer):
     self.image_size = resnet_cfg.image_size
 
   def check_images(self, images: jax.Array) -> None:
-    want = (self.image_size, self.image_size, self.resnet.config.channels)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images of shape {tuple(images.shape)} do not fit this model: it takes NHWC "
-                       f"batches of shape (batch, {want[0]}, {want[1]}, {want[2]})")
+    patches.check_images(images, self.image_size, self.resnet.config.channels)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """ResNet features, then the ViT patch embedding: [B, H, W, C] -> [B, tokens, hidden]."""
@@ -64,6 +63,7 @@ class HybridViT(VisionTransformer):
 
 def build_hybrid(depth: str, variant: str, stride: int, *, num_classes: int, image_size: int,
                  rngs: nnx.Rngs, overrides: dict[str, Any]) -> HybridViT:
+  registry.check_options("hybrid", overrides, OPTIONS)
   overrides = dict(overrides)
   if "resnet_layers" in overrides:
     layers, patch = tuple(overrides["resnet_layers"]), overrides.get("patch_size", 1)
@@ -82,17 +82,17 @@ def build_hybrid(depth: str, variant: str, stride: int, *, num_classes: int, ima
   resnet_cfg = ResNetConfig(image_size=image_size, **resnet_kwargs)
   feature = resnet_cfg.feature_size()
   vit_kwargs = {**VARIANTS[variant], "patch_size": patch, **overrides}
-  fields = {f.name for f in dataclasses.fields(ViTConfig)}
-  unknown = sorted(set(vit_kwargs) - fields)
-  if unknown:
-    valid = sorted((fields - {"num_classes", "image_size"}) | set(RESNET_OPTIONS))
-    raise ValueError(f"unknown hybrid option(s) {unknown}; valid options: {valid}")
   if feature % vit_kwargs["patch_size"]:
     raise ValueError(f"image_size {image_size} gives a {feature}x{feature} ResNet feature map, "
                      f"not a multiple of the patch size {vit_kwargs['patch_size']}")
   vit_cfg = ViTConfig(num_classes=num_classes, image_size=feature,
                       channels=resnet_cfg.out_channels, **vit_kwargs)
   return HybridViT(resnet_cfg, vit_cfg, rngs=rngs)
+
+
+def hybrid_flops(model: HybridViT) -> int:
+  """2 x multiply-adds per image: the ResNet stem, then the ViT on its feature map."""
+  return resnet_flops(model.resnet.config) + vit_flops(model)
 
 
 def _build(match: re.Match, **kwargs) -> HybridViT:
@@ -105,4 +105,9 @@ registry.register_family(
     build=_build,
     examples=("R50+ViT-B/16", "R50+ViT-L/32", "R26+ViT-S/32", "R26+ViT-B/32", "R+ViT-Ti/16"),
     help="R50+ViT-<variant>/{16,32}, R26+ViT-<variant>/32, R+ViT-<variant>/16: ResNet stem + ViT",
+    sizes=BACKBONES,  # the ViT part takes its sizes from vit.VARIANTS
+    flops=hybrid_flops,
+    sharding_rules=CONV_RULES,
+    options=OPTIONS,
+    checkpoint_family="Hybrid",
 )

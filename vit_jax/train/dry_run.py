@@ -15,7 +15,7 @@ import numpy as np
 
 from vit_jax import flops
 from vit_jax.train import sharding
-from vit_jax.train.task import model_kwargs
+from vit_jax.tasks.base import model_kwargs
 from vit_jax.train.trainer import make_setup
 
 

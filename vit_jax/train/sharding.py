@@ -4,6 +4,10 @@ Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv`
 ``patch``, ...). Rules map each name to a mesh axis; a dimension that a mesh axis does not divide,
 or whose mesh axis is already used by another dimension of the same array, stays replicated.
 The same rules serve every preset: an axis of size 1 shards nothing.
+
+The default rules are ``CORE_RULES`` (the names every transformer uses) plus the rules each model
+family registers for the names only it uses (``sharding_rules=`` of
+``vit_jax.models.registry.register_family``); the config's ``sharding_rules`` override them.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vit_jax.models import registry
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (None: replicated). FSDP shards "embed"; Megatron tensor parallelism
 # splits heads and the MLP width, so qkv and Dense_0 are split by output and out/Dense_1 reduce.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+# Names only one family uses come with its registration (see ``default_rules``).
+CORE_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -30,12 +37,9 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("channels", None),
     ("norm", None),
     ("layers", None),
-    # ResNet convolutions: FSDP splits the output channels.
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    # Mixer's token-mixing MLP input/output (the number of patches).
-    ("tokens", None),
 )
+# The old name, for configs that still list the rules themselves (they now give overrides only).
+DEFAULT_RULES = CORE_RULES
 
 # Mesh presets: sizes per axis (-1 takes the remaining devices).
 PRESETS: dict[str, dict[str, int]] = {
@@ -120,9 +124,10 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None] | None,
   return P(*spec)
 
 
-def logical_axes(model: nnx.Module) -> dict:
-  """Pure-dict tree (as ``nnx.to_pure_dict``) of each parameter's logical axis names."""
-  state = nnx.state(model, nnx.Param)
+def logical_axes(model: nnx.Module, which: Any = nnx.Param) -> dict:
+  """Pure-dict tree (as ``nnx.to_pure_dict``) of the logical axis names of each variable that
+  the nnx filter ``which`` selects (parameters by default)."""
+  state = nnx.state(model, which)
   axes = jax.tree.map(lambda v: v.get_metadata().get("out_sharding"), state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
   return _to_plain(axes)
@@ -143,8 +148,23 @@ def param_shardings(abstract_params: Any, axes: Any, rules: Mapping[str, str | N
   return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
+def default_rules() -> dict[str, str | None]:
+  """``CORE_RULES`` plus every registered model family's own rules (logical name -> mesh axis)."""
+  out = _checked({}, CORE_RULES)
+  family_rules = registry.sharding_rules()
+  for name, axis in family_rules.items():
+    if name in out and out[name] != axis:
+      raise ValueError(f"a model family's sharding rule ({name!r}, {axis!r}) contradicts the core "
+                       f"rule ({name!r}, {out[name]!r})")
+  return _checked(out, family_rules.items())
+
+
 def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, str | None]:
-  out = {}
+  """``default_rules()`` updated by the (logical name, mesh axis or None) pairs of ``rules``."""
+  return _checked(default_rules(), rules)
+
+
+def _checked(out: dict[str, str | None], rules: Any) -> dict[str, str | None]:
   for rule in rules:
     name, axis = rule
     if axis is not None and axis not in MESH_AXES:

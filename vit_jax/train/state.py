@@ -13,3 +13,4 @@ class TrainState:
   step: jax.Array        # int32 scalar; also the input position (batches consumed)
   params: Any            # nested dicts of arrays (nnx.to_pure_dict of the model's Params)
   opt_state: Any         # optax state over ``params``
+  model_state: Any       # the model's other variables (e.g. batch-norm statistics); often {}

@@ -18,12 +18,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vit_jax import tasks
+from vit_jax.tasks import Task
 from vit_jax.train import checkpointing, optimizer, sharding
 from vit_jax.train.metrics_writer import MetricsWriter
 from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
-from vit_jax.train.step import all_finite, make_eval_step, make_train_step
-from vit_jax.train.task import Task, get_task
+from vit_jax.train.step import NOT_PARAM, all_finite, make_eval_step, make_train_step, split_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,24 +66,25 @@ class Setup:
     With ``config.pretrained`` set, the parameters come from that checkpoint instead
     (``vit_jax.checkpoints.load_pretrained`` with ``config.pretrained_options``).
     """
-    if self.config.get("pretrained"):
+    if self.config.pretrained:
       return self._init_pretrained()
     return jax.jit(self._init, out_shardings=self.shardings)()
 
   def _init_pretrained(self) -> TrainState:
     from vit_jax import checkpoints
     model = self.task.build_model(nnx.Rngs(self.config.seed))
-    checkpoints.load_pretrained(model, self.config.pretrained,
-                                **dict(self.config.get("pretrained_options") or {}))
-    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.shardings.params)
+    checkpoints.load_pretrained(model, self.config.pretrained, **dict(self.config.pretrained_options))
+    _, params, model_state = split_model(model)
+    params = jax.device_put(params, self.shardings.params)
+    model_state = jax.device_put(model_state, self.shardings.model_state)
     opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
-    return TrainState(step=step, params=params, opt_state=opt_state)
+    return TrainState(step=step, params=params, opt_state=opt_state, model_state=model_state)
 
   def _init(self) -> TrainState:
-    model = self.task.build_model(nnx.Rngs(self.config.seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+    _, params, model_state = split_model(self.task.build_model(nnx.Rngs(self.config.seed)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      model_state=model_state)
 
   def sharded_abstract_state(self) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -90,14 +92,15 @@ class Setup:
 
   def jit_train_step(self):
     step = make_train_step(self.graphdef, self.task, self.tx, self.schedule, seed=self.config.seed,
-                           accum_steps=self.config.get("grad_accum_steps", 1))
+                           accum_steps=self.config.grad_accum_steps)
     return MeshJit(self.mesh, jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                                       out_shardings=(self.shardings, self.replicated), donate_argnums=0))
 
   def jit_eval_step(self):
-    return MeshJit(self.mesh, jax.jit(make_eval_step(self.graphdef, self.task),
-                                      in_shardings=(self.shardings.params, self.batch_sharding),
-                                      out_shardings=self.replicated))
+    return MeshJit(self.mesh, jax.jit(
+        make_eval_step(self.graphdef, self.task),
+        in_shardings=(self.shardings.params, self.shardings.model_state, self.batch_sharding),
+        out_shardings=self.replicated))
 
   def global_batch(self, local: dict) -> dict:
     """Host-local numpy batch -> global jax.Arrays split over (data, fsdp)."""
@@ -107,14 +110,18 @@ class Setup:
 
 def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
   """Everything but the data: mesh (over ``devices``, default all), shardings, optimizer, steps."""
-  task = get_task(config)
+  task = tasks.create(config)
+  if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+    raise ValueError(f"grad_accum_steps {config.grad_accum_steps} must be >= 1 and divide "
+                     f"batch_size {config.batch_size}")
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   rules = sharding.rules_dict(config.sharding_rules)
   abstract_model = nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract_model, nnx.Param)
+  graphdef, _, _ = split_model(abstract_model)
   axes = sharding.logical_axes(abstract_model)
+  state_axes = sharding.logical_axes(abstract_model, NOT_PARAM)
   schedule = optimizer.make_schedule(config.lr, config.total_steps, **config.schedule)
   tx = optimizer.make_optimizer(config.optimizer, schedule)
   replicated = NamedSharding(mesh, P())
@@ -122,15 +129,27 @@ def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
                 sharding.batch_sharding(mesh), replicated)
   abstract_state = jax.eval_shape(setup._init)
   param_sh = sharding.param_shardings(abstract_state.params, axes, rules, mesh)
-  # Optimizer leaves that mirror a parameter keep its sharding; factored statistics (adafactor's
-  # row and column second moments) have other shapes and stay replicated.
-  opt_sh = optax.tree_map_params(
-      tx, lambda leaf, s, p: s if leaf.shape == p.shape else replicated,
-      abstract_state.opt_state, param_sh, abstract_state.params,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  # Optimizer leaves that mirror a parameter (their path ends with its path, same shape: Adam's
+  # moments, momentum) keep its sharding; the rest (step counts, adafactor's factored row and
+  # column statistics) stay replicated. Frozen parameters have no optimizer leaves at all (an
+  # optax.MaskedNode, kept as is), so this reads the state's paths rather than re-running
+  # ``tx.init`` on placeholders as ``optax.tree_map_params`` would.
+  key = lambda path: jax.tree_util.keystr(tuple(path))
+  param_shapes = {key(p): leaf.shape
+                  for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+  param_shardings = {key(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+  def opt_leaf_sharding(path, leaf):
+    for i in range(len(path)):  # the longest suffix of the path that names a parameter
+      if param_shapes.get(key(path[i:])) == leaf.shape:
+        return param_shardings[key(path[i:])]
+    return replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(opt_leaf_sharding, abstract_state.opt_state)
   setup.abstract_state = abstract_state
-  setup.shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh)
+  state_sh = sharding.param_shardings(abstract_state.model_state, state_axes, rules, mesh)
+  setup.shardings = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                               model_state=state_sh)
   return setup
 
 
@@ -146,16 +165,19 @@ def restore_or_init(setup: Setup, ckpt: checkpointing.Checkpointer) -> TrainStat
   return state
 
 
-def evaluate(setup: Setup, params: Any, eval_step=None, split: str | None = None) -> dict:
-  """One pass over the eval split (every example exactly once, padding masked out)."""
+def evaluate(setup: Setup, state: TrainState, eval_step=None, split: str | None = None) -> dict:
+  """One pass over the eval split (every example exactly once, padding masked out): each
+  batch's outputs, replicated to every process, feed the task's host-side evaluator."""
   eval_step = eval_step or setup.jit_eval_step()
-  sums = None
+  evaluator = setup.task.evaluator()
+  batches = 0
   for local in setup.task.eval_data(split):
-    out = eval_step(params, setup.global_batch(local))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  if sums is None:
+    evaluator.update(jax.device_get(eval_step(state.params, state.model_state,
+                                              setup.global_batch(local))))
+    batches += 1
+  if not batches:
     raise ValueError(f"the eval split {split or setup.config.eval_split!r} is empty")
-  return setup.task.summarize(jax.device_get(sums))
+  return evaluator.result()
 
 
 def _check_finite(loss: float, step: int, last_ckpt: int | None) -> None:
@@ -195,10 +217,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         m.update(writer.progress(step, m["loss"]))
         writer.write(step, {f"train/{k}": v for k, v in m.items()})
       if step % config.eval_every == 0 or last:
-        final = evaluate(setup, state.params, eval_step)
+        final = evaluate(setup, state, eval_step)
         writer.write(step, {f"eval/{k}": v for k, v in final.items()})
-        writer.log(f"step {step}: eval top-1 {final['top1']:.4f} top-5 {final['top5']:.4f} "
-                   f"loss {final['loss']:.4f}")
+        writer.log(f"step {step}: eval {setup.task.format_metrics(final)}")
       preempted = guard.should_stop(at_sync_point=step % config.log_every == 0) and not last
       if step % config.checkpoint_every == 0 or last or preempted:
         _check_finite(float(jax.device_get(metrics["loss"])), step, last_ckpt)
@@ -211,7 +232,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                    "command to resume")
         return {"step": step, "preempted": True}
     if not final:  # resumed at the end: evaluate what is there
-      final = evaluate(setup, state.params, eval_step)
+      final = evaluate(setup, state, eval_step)
   finally:
     guard.close()
     ckpt.wait()

@@ -1,0 +1,1 @@
+"""Experiment configs: ``train.py --config configs/NAME.py``; importable as ``configs.NAME``."""

@@ -1,0 +1,170 @@
+"""Every ``--config.*`` override that README.md and the config docstrings show parses on the
+config it names and runs one train step there (model and batch shrunk); gradient accumulation
+gives the full batch's update on every config."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from tests.config_docs import ROOT, documented
+from vit_jax import models
+from vit_jax.train import checkpointing, trainer
+from vit_jax.train.step import split_model
+
+# Small sizes per family, used where the config leaves an option at the family's default or
+# sets it larger.
+SHRINK = {
+    "ViT": dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32),
+    "Hybrid": dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, resnet_layers=(1, 1, 1),
+                   resnet_width=8, gn_groups=4),
+    "BiT": dict(layers=(1,), width=8, gn_groups=4),
+    "Mixer": dict(hidden_size=16, num_layers=1, tokens_mlp_dim=8, channels_mlp_dim=32),
+    "TNT": dict(hidden_size=16, inner_size=8, num_layers=1, num_heads=2, inner_heads=2),
+}
+MULTI_DEVICE_MESHES = ("fsdp", "tensor_parallel")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  from PIL import Image
+  root = tmp_path_factory.mktemp("folder")
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for cls in ("cat", "dog"):
+      os.makedirs(root / split / cls)
+      for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(root / split / cls / f"{i}.png")
+  return str(root)
+
+
+def substitute(text: str, folder: str) -> str:
+  for placeholder in ("/path/to/imagefolder", "/path/to/root", "/data/mine"):
+    text = text.replace(placeholder, folder)
+  return text
+
+
+def parse(spec: str, overrides: tuple[str, ...]):
+  """The config as train.py's flag parser builds it."""
+  argv = ["train.py", f"--config={os.path.join(ROOT, spec)}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def shrink(config, *, batch: int = 8):
+  family = models.resolve(config.model.name)[0].name
+  for key, small in SHRINK[family].items():
+    value = config.model[key]
+    if value is None or (not isinstance(small, tuple) and value > small):
+      config.model[key] = small
+  config.batch_size = batch * math.ceil(config.grad_accum_steps / batch)
+  config.eval_batch_size = 8
+  config.shuffle_buffer = 16
+  config.total_steps = 1
+  return config
+
+
+def devices_for(config) -> list:
+  mesh = config.mesh
+  many = mesh in MULTI_DEVICE_MESHES or any(
+      part.split("=")[1] not in ("1", "-1") for part in mesh.split(",") if "=" in part)
+  return jax.devices() if many else jax.devices()[:1]
+
+
+def provide_pretrained(config, tmp_path) -> None:
+  """Points ``config.pretrained`` at a checkpoint of the shrunk model, in the format named."""
+  if not config.pretrained:
+    return
+  probe = parse_like(config)
+  probe.pretrained = None
+  setup = trainer.make_setup(probe, jax.devices()[:1])
+  if config.pretrained.endswith(".npz"):
+    from vit_jax import checkpoints
+    model = setup.task.build_model(__import__("flax").nnx.Rngs(1))
+    path = str(tmp_path / os.path.basename(config.pretrained))
+    checkpoints.export_npz(model, path)
+  else:
+    path = str(tmp_path / "pretrained_workdir")
+    ckpt = checkpointing.Checkpointer(os.path.join(path, "checkpoints"), keep=1, async_save=False)
+    ckpt.save(1, setup.init_state(), {"signature": setup.task.signature(), "step": 1})
+    ckpt.close()
+  config.pretrained = path
+
+
+def parse_like(config):
+  return type(config)(config.to_dict())
+
+
+DOCUMENTED = documented()
+
+
+def test_the_docs_show_overrides_for_every_config():
+  named = {d.spec.split(":")[0] for d in DOCUMENTED}
+  configs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+  assert configs - {"configs/base.py", "configs/__init__.py"} <= named
+  assert sum(len(d.overrides) for d in DOCUMENTED) >= 30
+
+
+@pytest.mark.parametrize("doc", DOCUMENTED, ids=[d.where for d in DOCUMENTED])
+def test_documented_overrides_parse_and_run_one_step(doc, image_folder, tmp_path):
+  import tensorflow_datasets as tfds
+  spec = substitute(doc.spec, image_folder)
+  overrides = tuple(substitute(o, image_folder) for o in doc.overrides)
+  config = shrink(parse(spec, overrides))
+  provide_pretrained(config, tmp_path)
+  with tfds.testing.mock_data(num_examples=8):
+    setup = trainer.make_setup(config, devices_for(config))
+    state = setup.init_state()
+    batch = next(iter(setup.task.train_data(0)))
+    state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+def every_config() -> list[str]:
+  """Each config file once, with the ARG its docstring's first command gives."""
+  specs = {}
+  for d in DOCUMENTED:
+    specs.setdefault(d.spec.split(":")[0], d.spec)
+  return sorted(specs.values())
+
+
+@pytest.mark.parametrize("spec", every_config())
+def test_accumulation_gives_the_full_batch_update(spec, image_folder, tmp_path):
+  config = parse(substitute(spec, image_folder), ())
+  for key in ("dropout_rate", "attention_dropout_rate", "stochastic_depth"):
+    if config.model[key] is not None:
+      config.model[key] = 0.0
+  config.mixup_alpha = 0.0
+  config.grad_accum_steps = 1
+  shrink(config)
+  provide_pretrained(config, tmp_path)
+  rng = np.random.default_rng(0)
+  updates = []
+  for k in (1, 4):
+    config.grad_accum_steps = k
+    setup = trainer.make_setup(config, jax.devices()[:1])
+    spec_ = setup.task.input_spec(config.batch_size)
+    batch = {"image": rng.uniform(-1, 1, spec_["image"].shape).astype(np.float32)}
+    batch["labels"] = np.eye(config.num_classes, dtype=np.float32)[
+        np.arange(config.batch_size) % config.num_classes]
+    rng = np.random.default_rng(0)
+    state = setup.init_state()
+    before = jax.device_get(state.params)
+    state, _ = setup.jit_train_step()(state, setup.global_batch(batch))
+    updates.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                                jax.device_get(state.params), before))
+  moved = 0
+  for a, b in zip(jax.tree.leaves(updates[0]), jax.tree.leaves(updates[1])):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    moved += int(np.any(a != 0))
+  assert moved > 0
