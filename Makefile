@@ -18,8 +18,10 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py --config configs/default.py --workdir workdirs/default
 
+# Two workers, one per core of the project's machines (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -26,6 +26,7 @@ def main() -> None:
   parser.add_argument("--model", default="ViT-B/16")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--num_layers", type=int, default=None, help="depth (default: the model's)")
   parser.add_argument("--json", default=None, help="write the figures here")
   args = parser.parse_args()
 
@@ -36,6 +37,8 @@ def main() -> None:
 
   config = imagenet_vit.get_config(args.model)
   config.image_size = args.image_size
+  if args.num_layers:
+    config.model.num_layers = args.num_layers
   config.batch_size = config.eval_batch_size = args.batch
   report = dry_run.dry_run(config)
   setup = trainer.make_setup(config)

@@ -14,6 +14,7 @@ from flax import nnx
 
 from harness import parse_options  # noqa: F401  (re-exported)
 from vit_jax import flops, models
+from vit_jax.tasks.base import model_kwargs
 
 
 def random_images(batch: int, image_size: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -81,7 +82,7 @@ def jax_train_step(config: Any) -> tuple[Callable[[], Any], dict[str, Any]]:
   setup = trainer.make_setup(config)
   state = setup.init_state()
   rng = np.random.default_rng(0)
-  channels = config.model.get("channels", 3)
+  channels = config.model.channels or 3
   labels = np.eye(config.num_classes, dtype=np.float32)[rng.integers(0, config.num_classes, config.batch_size)]
   batch = setup.global_batch({"image": random_images(config.batch_size, config.image_size, channels),
                               "labels": labels})
@@ -94,7 +95,7 @@ def jax_train_step(config: Any) -> tuple[Callable[[], Any], dict[str, Any]]:
     holder[0], metrics = compiled(holder[0], batch)
     jax.block_until_ready(metrics["loss"])
 
-  options = {k: v for k, v in config.model.items() if k != "name"}
+  options = model_kwargs(config)
   info = {"compile_s": compile_s, "memory": memory_bytes(compiled), "num_devices": setup.mesh.size,
           "mesh": dict(zip(setup.mesh.axis_names, setup.mesh.devices.shape)),
           "train_flops_per_image": flops.train_flops(config.model.name, config.image_size,

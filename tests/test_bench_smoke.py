@@ -136,7 +136,8 @@ def test_input_pipeline(tmp_path):
 
 def test_first_step(tmp_path):
   out = tmp_path / "first_step.json"
-  stdout = run_script("first_step", "--override", "model.name=ViT-Ti/16", "--num-images", "8",
+  stdout = run_script("first_step", "--override", "model.name=ViT-Ti/16", "--override",
+                      "model.num_layers=1", "--num-images", "8",
                       "--json", str(out), timeout=180)
   assert "first step logged" in stdout
   record = read_json(out)
@@ -147,6 +148,6 @@ def test_first_step(tmp_path):
 def test_dry_run_memory(tmp_path):
   out = tmp_path / "dry_run.json"
   run_script("dry_run_memory", "--model", "ViT-Ti/16", "--batch", "2", "--image_size", "32",
-             "--json", str(out))
+             "--num_layers", "1", "--json", str(out))
   record = read_json(out)
   assert record["predicted_bytes"] > 0 and record["measured_peak_bytes"] > 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.checkpoint_reading import read_state
+from tests.conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer ViT on the digits; 64 images a step, so an epoch of 1,497 ends after step 23.
@@ -23,7 +24,7 @@ TINY = ["--config.model.hidden_size=32", "--config.model.num_layers=2", "--confi
 
 def env():
   e = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  e.pop("XLA_FLAGS", None)  # one CPU device: the subprocesses stay fast
+  e["XLA_FLAGS"] = subprocess_xla_flags()  # one CPU device: the subprocesses stay fast
   return e
 
 

@@ -236,7 +236,7 @@ def test_bad_options_are_value_errors(name, options, match):
 def tiny_config(family: str, **changes):
   """configs/families.py:<family> with one layer, a higher learning rate and 50 steps."""
   c = family_configs.get_config(family)
-  if "num_layers" in c.model:
+  if c.model.get("num_layers") is not None:
     c.model.num_layers = 1
   settings = dict(batch_size=64, eval_batch_size=80, total_steps=50, lr=5e-3, label_smoothing=0.0,
                   log_every=1, eval_every=50, checkpoint_every=50)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests.train_configs import tiny_config
+from tests.conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +50,7 @@ def test_models_and_train_step_without_tensorflow_or_ml_collections(tmp_path):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(config))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = subprocess_xla_flags()
   out = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 from tests.checkpoint_reading import read_state
+from tests.conftest import subprocess_xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config.model.hidden_size=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
@@ -27,7 +28,7 @@ def free_port():
 
 def env(devices):
   e = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+           XLA_FLAGS=subprocess_xla_flags(devices))
   return e
 
 

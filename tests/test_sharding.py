@@ -16,6 +16,10 @@ def mesh_config(mesh):
   c.model.update(hidden_size=64, num_heads=4, mlp_dim=128, num_layers=2)
   c.num_classes = 16
   c.batch_size = 32
+  # The key bias's exact gradient is zero (softmax ignores a constant shift): what is computed
+  # is rounding noise, which Adam scales to updates of size lr that differ between meshes and
+  # compilers. Frozen, it stays at its (exact) value on every mesh.
+  c.optimizer.frozen = [r"Transformer/blocks/(\d+/)?MultiHeadDotProductAttention_1/key/bias"]
   return c
 
 
@@ -71,8 +75,8 @@ def test_mesh_agrees_with_one_device(mesh, one_device):
   got = flat(state.params)
   assert got.keys() == ref_params.keys()
   for path, ref in ref_params.items():
-    if "['key']['bias']" in path:  # exact gradient zero: compare the rounding noise absolutely
-      assert np.max(np.abs(got[path] - ref)) < 1e-5, path
+    if "['key']['bias']" in path:  # exact gradient zero (frozen above): bit-equal
+      np.testing.assert_array_equal(got[path], ref, err_msg=path)
     else:
       assert np.linalg.norm(got[path] - ref) <= 1e-5 * np.linalg.norm(ref) + 1e-12, path
 
