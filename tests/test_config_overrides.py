@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from tests.config_docs import ROOT, documented
 from vit_jax import models
 from vit_jax.train import checkpointing, trainer
-from vit_jax.train.step import split_model
+from vit_jax.train.step import make_train_step
 
 # Small sizes per family, used where the config leaves an option at the family's default or
 # sets it larger.
@@ -193,19 +193,19 @@ def test_accumulation_gives_the_full_batch_update(spec, image_folder, tmp_path):
   config.grad_accum_steps = 1
   shrink(config)
   provide_pretrained(config, tmp_path)
+  setup = trainer.make_setup(config, jax.devices()[:1])
+  spec_ = setup.task.input_spec(config.batch_size)
   rng = np.random.default_rng(0)
+  batch = setup.global_batch({
+      "image": rng.uniform(-1, 1, spec_["image"].shape).astype(np.float32),
+      "labels": np.eye(config.num_classes, dtype=np.float32)[
+          np.arange(config.batch_size) % config.num_classes]})
+  before = jax.device_get(setup.init_state().params)
   updates = []
   for k in (1, 4):
-    config.grad_accum_steps = k
-    setup = trainer.make_setup(config, jax.devices()[:1])
-    spec_ = setup.task.input_spec(config.batch_size)
-    batch = {"image": rng.uniform(-1, 1, spec_["image"].shape).astype(np.float32)}
-    batch["labels"] = np.eye(config.num_classes, dtype=np.float32)[
-        np.arange(config.batch_size) % config.num_classes]
-    rng = np.random.default_rng(0)
-    state = setup.init_state()
-    before = jax.device_get(state.params)
-    state, _ = setup.jit_train_step()(state, setup.global_batch(batch))
+    step = jax.jit(make_train_step(setup.graphdef, setup.task, setup.tx, setup.schedule,
+                                   seed=config.seed, accum_steps=k))
+    state, _ = step(setup.init_state(), batch)
     updates.append(jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
                                 jax.device_get(state.params), before))
   moved = 0

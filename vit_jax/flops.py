@@ -60,10 +60,13 @@ def forward_flops(name: str, image_size: int = 224, num_classes: int = 1000, **o
   ``overrides`` are ``models.create`` options (e.g. ``representation_size=768``).
   """
   family, _ = registry.resolve(name)
-  model = abstract_model(name, image_size, num_classes, **overrides)
   if family.flops is None:
-    return traced_flops(model, image_size, overrides.get("channels", 3))
-  return int(family.flops(model))
+    return traced_flops(abstract_model(name, image_size, num_classes, **overrides), image_size,
+                        overrides.get("channels", 3))
+  if "scan" in family.options and "scan" not in overrides:
+    # The formula reads the config, which is the same stacked; a deep model builds much faster so.
+    overrides = {**overrides, "scan": True}
+  return int(family.flops(abstract_model(name, image_size, num_classes, **overrides)))
 
 
 def train_flops(name: str, image_size: int = 224, num_classes: int = 1000, **overrides: Any) -> int:
