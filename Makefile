@@ -6,12 +6,10 @@ STAMP := $(VENV)/.installed
 .PHONY: setup train test clean
 
 # The package is installed in editable mode (vit_jax and configs importable from any directory).
-# --no-compile: modules are byte-compiled when first imported, not all of TensorFlow's and torch's
-# at install time.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
-	$(PY) -m pip install -q --no-compile -e . --no-deps
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -e . --no-deps
 	touch $(STAMP)
 
 setup: $(STAMP)
