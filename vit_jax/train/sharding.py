@@ -38,8 +38,6 @@ CORE_RULES: tuple[tuple[str, str | None], ...] = (
     ("norm", None),
     ("layers", None),
 )
-# The old name, for configs that still list the rules themselves (they now give overrides only).
-DEFAULT_RULES = CORE_RULES
 
 # Mesh presets: sizes per axis (-1 takes the remaining devices).
 PRESETS: dict[str, dict[str, int]] = {

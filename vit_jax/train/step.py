@@ -109,9 +109,8 @@ def make_train_step(graphdef: nnx.GraphDef, task: Any, tx: optax.GradientTransfo
     totals, grads, model_state = loss_and_grads(state.params, state.model_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    means = mean_terms(totals)
-    metrics = {f"{k}": v for k, v in means.items()}
-    metrics["loss"] = sum(c * means[k] for k, c in objective.items())
+    metrics = mean_terms(totals)
+    metrics["loss"] = sum(c * metrics[k] for k, c in objective.items())
     metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            model_state=model_state)
