@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -105,7 +106,7 @@ def test_finetune_mocked_cifar10_from_an_npz(tmp_path):
   with tfds.testing.mock_data(num_examples=32):
     setup = trainer.make_setup(c)
     init = setup.init_state().params
-    final = trainer.train_and_evaluate(c, str(tmp_path / "work"))
+    final = trainer.train_and_evaluate(c, str(tmp_path / "work"), jax.devices()[:1])
   elapsed = time.time() - start
 
   # Initialised from the npz: weights copied, grid resampled (class token kept), head zeroed.

@@ -158,17 +158,17 @@ def test_non_finite_loss_stops_without_a_checkpoint(tmp_path):
   cfg = tiny_config(lr=1e30, log_every=1, label_smoothing=0.0)
   cfg.optimizer.grad_clip_norm = 0.0
   with pytest.raises(trainer.NonFiniteLossError, match=r"loss became (nan|inf).*no checkpoint|without writing a checkpoint"):
-    trainer.train_and_evaluate(cfg, str(tmp_path))
+    trainer.train_and_evaluate(cfg, str(tmp_path), jax.devices()[:1])
   assert not os.path.exists(tmp_path / "checkpoints") or not [
       d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-  trainer.train_and_evaluate(tiny_config(total_steps=5), str(tmp_path))
+  trainer.train_and_evaluate(tiny_config(total_steps=5), str(tmp_path), jax.devices()[:1])
   other = tiny_config(total_steps=10)
   other.model.hidden_size = 64
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"another model.*hidden_size"):
-    trainer.train_and_evaluate(other, str(tmp_path))
+    trainer.train_and_evaluate(other, str(tmp_path), jax.devices()[:1])
 
 
 def test_nested_round_trip():

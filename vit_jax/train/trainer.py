@@ -7,9 +7,10 @@ jitted steps, checkpointer); ``train_and_evaluate`` runs the loop; ``evaluate`` 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,21 @@ def evaluate(setup: Setup, state: TrainState, eval_step=None, split: str | None 
   return evaluator.result()
 
 
+def check_batch(batch: dict, spec: dict) -> None:
+  """Raises a ValueError unless ``batch`` has every entry of the task's ``input_spec`` with the
+  same shape after the (per-host) batch axis."""
+  for key, want in spec.items():
+    if key not in batch:
+      raise ValueError(f"the data's batches lack {key!r} (they hold {sorted(batch)}); the task "
+                       f"takes {sorted(spec)}")
+    got = tuple(np.shape(batch[key]))
+    if got[1:] != tuple(want.shape[1:]):
+      raise ValueError(
+          f"the data's {key!r} of shape {got} does not fit this model: it takes "
+          f"(batch, {', '.join(map(str, want.shape[1:]))}). Check image_size and the "
+          f"preprocessing strings (pp_train, pp_eval).")
+
+
 def _check_finite(loss: float, step: int, last_ckpt: int | None) -> None:
   if not np.isfinite(loss):
     where = f"step {last_ckpt}" if last_ckpt is not None else "none yet"
@@ -189,21 +205,32 @@ def _check_finite(loss: float, step: int, last_ckpt: int | None) -> None:
         f"set optimizer.grad_clip_norm.")
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir``, resuming from its last checkpoint. Returns the final eval."""
-  setup = make_setup(config)
+def train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] | None = None
+                       ) -> dict:
+  """Trains ``config`` in ``workdir``, resuming from its last checkpoint. Returns the final eval.
+
+  ``devices``: the mesh's devices (default: every device of every process)."""
+  setup = make_setup(config, devices)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
   writer = MetricsWriter(workdir, total_steps=config.total_steps, batch_size=config.batch_size)
+  # The data is opened before the state is built, so that a bad dataset or preprocessing
+  # string fails in seconds rather than after compiling.
+  start = ckpt.latest_step() or 0
+  batches: Iterator[dict] = setup.task.train_data(start)
+  first = next(batches)
+  check_batch(first, setup.task.input_spec(config.batch_size))
+  batches = itertools.chain([first], batches)
   state = restore_or_init(setup, ckpt)
-  start = int(jax.device_get(state.step))
+  if int(jax.device_get(state.step)) != start:
+    start = int(jax.device_get(state.step))
+    batches = setup.task.train_data(start)
   train_step, eval_step = setup.jit_train_step(), setup.jit_eval_step()
   check_state = jax.jit(all_finite)
   last_ckpt = ckpt.latest_step()
   if start:
     writer.log(f"resumed from step {start} in {workdir}")
-  batches: Iterator[dict] = setup.task.train_data(start)
   writer.start_clock(start)
   guard = PreemptionGuard()
   final = {}
