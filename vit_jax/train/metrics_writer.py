@@ -24,8 +24,7 @@ class MetricsWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
     self._t0 = time.time()
     self._last = (None, None)
 
@@ -69,3 +68,18 @@ class MetricsWriter:
         print()
       self._file.close()
       self._tb.close()
+
+
+def _summary_writer_class() -> type:
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch when
+  it is installed (seconds at every start) only to accept torch tensors, and scalars need none.
+  A process that already imported torch keeps it."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes ``import torch`` fail fast inside tensorboardX
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
