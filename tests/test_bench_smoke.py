@@ -11,7 +11,8 @@ from vit_jax import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["inference", "train_step", "compare_timm", "ablations", "input_pipeline", "first_step",
-           "flops_table", "dry_run_memory", "parity_full", "transfer_digits"]
+           "flops_table", "dry_run_memory", "parity_full", "transfer_digits", "parity_yolos",
+           "parity_detr", "matcher_speed"]
 TINY = ["--image-size", "32", "--option", "num_layers=1"]
 
 

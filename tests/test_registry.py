@@ -37,6 +37,23 @@ PARAM_COUNTS = {
     # timm's resnetv2_101x3_bit and resnetv2_152x2_bit (pretrained=False, num_classes=1000) have
     # these counts too: sum(p.numel() for p in model.parameters()), built on the meta device.
     "BiT-R101x3": 387_934_888, "BiT-R152x2": 236_335_208,
+    # transformers' YolosForObjectDetection has these counts for the same configurations (those of
+    # hustvl/yolos-tiny, -small, -base; BUILD_ARGS), built on the meta device.
+    "YOLOS-Ti": 6_488_736, "YOLOS-S": 30_684_768, "YOLOS-B": 127_798_368,
+    # transformers' DetrForObjectDetection (timm resnet50/resnet101 backbone, 91 classes; DC5:
+    # dilation=True) has these counts: its frozen batch-norm arrays are buffers, not parameters.
+    "DETR-R50": 41_524_768, "DETR-R101": 60_464_672,
+    "DETR-R50-DC5": 41_524_768, "DETR-R101-DC5": 60_464_672,
+}
+
+# Names pinned at another size or class count than 224 px and 1000 classes: name -> keyword
+# arguments of ``flops.abstract_model`` (image_size, num_classes, overrides).
+BUILD_ARGS: dict[str, dict] = {
+    "YOLOS-Ti": dict(num_classes=91, image_size=(800, 1333), layernorm_eps=1e-12),
+    "YOLOS-S": dict(num_classes=91, image_size=(512, 864), use_mid_position_embeddings=True),
+    "YOLOS-B": dict(num_classes=91, image_size=(800, 1344), use_mid_position_embeddings=True),
+    **{name: dict(num_classes=91, image_size=800)
+       for name in ("DETR-R50", "DETR-R101", "DETR-R50-DC5", "DETR-R101-DC5")},
 }
 
 
@@ -44,7 +61,10 @@ def abstract(name: str) -> nnx.Module:
   """``name`` at 224 px, 1000 classes, shape only; a family that can stack its layers
   (``scan``) is built stacked: the same parameters, but tracing does not grow with depth."""
   family, _ = registry.resolve(name)
-  return flops.abstract_model(name, 224, 1000, **({"scan": True} if "scan" in family.options else {}))
+  args = {"image_size": 224, "num_classes": 1000, **BUILD_ARGS.get(name, {})}
+  if "scan" in family.options:
+    args.setdefault("scan", True)
+  return flops.abstract_model(name, **args)
 
 
 def count(model: nnx.Module) -> int:
@@ -100,6 +120,11 @@ FLOPS_PROBES = {
                                     channels_mlp_dim=2048)),
     "TNT": ("TNT-S/16", 32, dict(num_layers=2, hidden_size=256, inner_size=256, num_heads=4,
                                  inner_heads=4)),
+    "YOLOS": ("YOLOS-B", (64, 96), dict(num_layers=2, hidden_size=512, mlp_dim=2048, num_heads=4,
+                                        use_mid_position_embeddings=True)),
+    "DETR": ("DETR-R50", 256, dict(resnet_layers=(1, 1, 1, 1), resnet_width=16, hidden_size=256,
+                                   mlp_dim=1024, num_heads=4, encoder_layers=1, decoder_layers=1,
+                                   num_queries=16)),
 }
 
 

@@ -31,11 +31,17 @@ from flax import nnx
 
 from vit_jax import models
 from vit_jax.models import registry
+from vit_jax.models.patches import ImageSize
 
 
-def abstract_model(name: str, image_size: int = 224, num_classes: int = 1000,
+
+
+def abstract_model(name: str, image_size: ImageSize = 224, num_classes: int = 1000,
                    **overrides: Any) -> nnx.Module:
-  """The model ``name`` with shape-only parameters (no memory, no initialisation cost)."""
+  """The model ``name`` with shape-only parameters (no memory, no initialisation cost).
+
+  ``image_size`` is ``models.create``'s: an int, or (height, width) for a detector.
+  """
   try:
     key = (name, image_size, num_classes, tuple(sorted(overrides.items())))
     hash(key)
@@ -49,12 +55,13 @@ def abstract_model(name: str, image_size: int = 224, num_classes: int = 1000,
 _ABSTRACT_CACHE: dict[tuple, nnx.Module] = {}
 
 
-def _build_abstract(name: str, image_size: int, num_classes: int, overrides: dict) -> nnx.Module:
+def _build_abstract(name: str, image_size: ImageSize, num_classes: int, overrides: dict) -> nnx.Module:
   return nnx.eval_shape(lambda: models.create(name, num_classes=num_classes, image_size=image_size,
                                               rngs=nnx.Rngs(0), **overrides))
 
 
-def forward_flops(name: str, image_size: int = 224, num_classes: int = 1000, **overrides: Any) -> int:
+def forward_flops(name: str, image_size: ImageSize = 224, num_classes: int = 1000,
+                  **overrides: Any) -> int:
   """Analytic FLOPs (2 × multiply-adds) of one image's forward pass through model ``name``.
 
   ``overrides`` are ``models.create`` options (e.g. ``representation_size=768``).
@@ -69,16 +76,19 @@ def forward_flops(name: str, image_size: int = 224, num_classes: int = 1000, **o
   return int(family.flops(abstract_model(name, image_size, num_classes, **overrides)))
 
 
-def train_flops(name: str, image_size: int = 224, num_classes: int = 1000, **overrides: Any) -> int:
+def train_flops(name: str, image_size: ImageSize = 224, num_classes: int = 1000,
+                **overrides: Any) -> int:
   """FLOPs of one image's training step: 3 × the forward pass (no rematerialisation counted)."""
   return 3 * forward_flops(name, image_size, num_classes, **overrides)
 
 
-def _images(batch: int, image_size: int, channels: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((batch, image_size, image_size, channels), jnp.float32)
+def _images(batch: int, image_size: ImageSize, channels: int) -> jax.ShapeDtypeStruct:
+  """Images of ``image_size``: an int (squares) or (height, width)."""
+  h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+  return jax.ShapeDtypeStruct((batch, h, w, channels), jnp.float32)
 
 
-def traced_flops(model: nnx.Module, image_size: int, channels: int = 3) -> int:
+def traced_flops(model: nnx.Module, image_size: ImageSize, channels: int = 3) -> int:
   """FLOPs per image of every ``dot_general`` and convolution in the forward pass's jaxpr.
 
   ``channels`` is the input's (the ``channels`` option of ``models.create``, 3 by default).
@@ -123,8 +133,8 @@ def _sub_jaxprs(params: dict) -> list:
   return found
 
 
-def xla_forward_flops(name: str, image_size: int = 224, num_classes: int = 1000, *, batch: int = 1,
-                      **overrides: Any) -> float:
+def xla_forward_flops(name: str, image_size: ImageSize = 224, num_classes: int = 1000, *,
+                      batch: int = 1, **overrides: Any) -> float:
   """FLOPs per image by XLA's cost analysis of the compiled forward pass, built unrolled.
 
   Counts elementwise operations too, so it exceeds ``forward_flops`` by a few percent (less the

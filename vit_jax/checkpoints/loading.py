@@ -8,14 +8,56 @@ import re
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vit_jax.checkpoints import mapping, param_tree, posemb, readers
-from vit_jax.checkpoints.mapping import Arrays, Family, Format, ModelSpec, natural_key
+from vit_jax.checkpoints import hf_export, mapping, param_tree, posemb, readers
+from vit_jax.checkpoints.mapping import Arrays, Family, Format, ModelSpec, Shape, natural_key
 from vit_jax.checkpoints.readers import CheckpointError
 
 log = logging.getLogger(__name__)
+
+# The model variables besides parameters that a checkpoint can fill: model state such as frozen
+# batch-norm statistics (PyTorch buffers); not kept activations or RNG state.
+STATE = nnx.All(nnx.Not(nnx.Param), nnx.Not(nnx.Intermediate), nnx.Not(nnx.RngState))
+
+
+def _flat_state(model: nnx.Module) -> dict[str, nnx.Variable]:
+  return {"/".join(str(getattr(p, "key", p)) for p in path): v
+          for path, v in nnx.to_flat_state(nnx.state(model, STATE))}
+
+
+def state_shapes(model: nnx.Module, layer_lists: Sequence[str] = ()) -> dict[str, Shape]:
+  """Per-layer name -> shape of every model-state variable (``STATE``) of ``model``."""
+  placeholders = {k: np.broadcast_to(np.float32(0), tuple(v.shape))
+                  for k, v in _flat_state(model).items()}
+  unstacked = param_tree.unstack_layers(placeholders, layer_lists)
+  return {k: tuple(a.shape) for k, a in unstacked.items()}
+
+
+def state_arrays(model: nnx.Module, layer_lists: Sequence[str] = ()) -> Arrays:
+  """Per-layer name -> numpy value of every model-state variable of ``model``."""
+  flat = {k: np.asarray(jax.device_get(v[...])) for k, v in _flat_state(model).items()}
+  return param_tree.unstack_layers(flat, layer_lists)
+
+
+def _assign_state(model: nnx.Module, arrays: Mapping[str, np.ndarray], layer_lists) -> None:
+  """Sets the model-state variables named in ``arrays`` (per-layer names); keeps the others."""
+  flat = _flat_state(model)
+  values = {**state_arrays(model, layer_lists), **arrays}
+  stacked = param_tree.stacked_lists(list(flat), layer_lists)
+  values = param_tree.stack_layers(values, stacked) if stacked else values
+  for k, var in flat.items():
+    var[...] = jnp.asarray(values[k], dtype=var.dtype)
+
+
+def read_checkpoint(path: str | os.PathLike) -> readers.Checkpoint:
+  """A checkpoint file, an HF model folder (``config.json`` and weights) or an orbax checkpoint
+  of this library."""
+  if hf_export.is_hf_folder(path):
+    return hf_export.read_hf_folder(path)
+  return readers.read(os.fspath(path))
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -151,8 +193,8 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
   Args:
     model: a model of ``vit_jax.models`` (any family with registered mappings).
     path: an ``.npz`` (original ViT or big_vision), ``.safetensors`` or torch state-dict file
-      (timm names), or an orbax checkpoint of this library (step dir, checkpoints dir, workdir);
-      or a ``Checkpoint`` already read (as ``infer_model`` returns).
+      (timm names), an HF model folder, or an orbax checkpoint of this library (step dir,
+      checkpoints dir, workdir); or a ``Checkpoint`` already read (as ``infer_model`` returns).
     format: "auto" (detected from the names) or one of the family's formats ("vit",
       "big_vision", "timm", "vit_jax").
     resample_posemb: how to resample position embeddings to the model's grid: "zoom"
@@ -177,6 +219,10 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
     shape (misshaped), and every unexpected array, raise one ``CheckpointMismatchError``
     listing them all, with the ``init`` patterns that would accept them.
 
+  Model state (variables that are not parameters, ``STATE``: DETR's frozen batch-norm
+  statistics) is loaded the same way when the checkpoint holds some of it (PyTorch buffers);
+  a checkpoint that holds none of it leaves it as it is.
+
   Position embeddings are resampled to the model's grid first (a class token's row is kept
   apart, or dropped for a model without one), so a new resolution is never a mismatch. Typical:
   ``init=["head/.*"]`` for a new head (other classes), ``init=["head/.*", "pre_logits/.*"]`` to
@@ -186,10 +232,15 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
     raise ValueError(f"resample_posemb {resample_posemb!r} is not one of {posemb.METHODS}")
   load_rx, init_rx = _patterns(load, "load"), _patterns(init, "init")
   family = mapping.family_of(model)
-  ckpt = path if isinstance(path, readers.Checkpoint) else readers.read(os.fspath(path))
+  ckpt = path if isinstance(path, readers.Checkpoint) else read_checkpoint(path)
   fmt, prepared = detect_format(family, ckpt, format)
   shapes = param_tree.model_shapes(model, family.layer_lists)
-  arrays, origin = to_model_arrays(family, fmt, prepared, shapes)
+  model_state = state_shapes(model, family.layer_lists)
+  arrays, origin = to_model_arrays(family, fmt, prepared, {**model_state, **shapes})
+  if any(k in model_state for k in arrays):
+    shapes = {**shapes, **model_state}  # the checkpoint holds model state: load it as parameters
+  else:
+    model_state = {}
   all_arrays = list(arrays)
 
   taken = [k for k in shapes if _matches(load_rx, k) and not _matches(init_rx, k)]
@@ -219,9 +270,13 @@ def load_pretrained(model: nnx.Module, path: str | os.PathLike | readers.Checkpo
     raise CheckpointMismatchError(_mismatch_message(
         ckpt.path, fmt.name, model, sorted(misshaped, key=order), sorted(missing, key=order),
         sorted(unexpected, key=order), origin, shapes, all_arrays))
-  if kept:
-    arrays.update(_model_values(model, kept, family.layer_lists))
+  state = {k: arrays.pop(k) for k in list(arrays) if k in model_state}
+  kept_params = [k for k in kept if k not in model_state]
+  if kept_params:
+    arrays.update(_model_values(model, kept_params, family.layer_lists))
   param_tree.assign(model, arrays, family.layer_lists)
+  if state:
+    _assign_state(model, state, family.layer_lists)
   log.info("load_pretrained: loaded %d arrays from %s (format %s)", len(taken), ckpt.path, fmt.name)
   return model
 

@@ -7,6 +7,7 @@ checkpoint directories this library's trainer writes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -118,7 +119,9 @@ def read_torch(path: str) -> Arrays:
     raise CheckpointError(f"{path!r} is a torch checkpoint; reading it needs PyTorch "
                           "(pip install torch), or convert it to .safetensors") from None
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # Training scripts (DETR's, YOLOS's) save their argparse.Namespace beside the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds.
     raise CheckpointError(f"cannot read the torch checkpoint {path!r}: {e}") from None
   for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
@@ -162,7 +165,8 @@ def _flatten(tree: Any, prefix: str = "") -> Arrays:
 
 
 def read_orbax(path: str) -> tuple[Arrays, dict, str]:
-  """The parameters and meta of a trainer checkpoint: (arrays, meta, step directory)."""
+  """The parameters, model state and meta of a trainer checkpoint: (arrays, meta, step
+  directory); parameters and model state share one namespace, the model's variable paths."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax misreads relative paths' metadata
@@ -172,16 +176,19 @@ def read_orbax(path: str) -> tuple[Arrays, dict, str]:
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
     if "params" not in tree:
       raise CheckpointError(f"{step_dir!r} holds no 'params' in its state")
-    restore_args = jax_tree_map_numpy(tree["params"])
+    # The parameters and the model state (e.g. batch-norm statistics), not the optimizer's.
+    items = {k: tree[k] for k in ("params", "model_state") if k in tree and tree[k]}
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={"params": tree["params"]}, restore_args={"params": restore_args},
+        item=items, restore_args={k: jax_tree_map_numpy(v) for k, v in items.items()},
         partial_restore=True))
   meta = {}
   meta_file = os.path.join(step_dir, "meta", "metadata")
   if os.path.exists(meta_file):
     with open(meta_file) as f:
       meta = json.load(f)
-  return _flatten(restored["params"]), meta, step_dir
+  arrays = _flatten(restored["params"])
+  arrays.update(_flatten(restored.get("model_state") or {}))
+  return arrays, meta, step_dir
 
 
 def jax_tree_map_numpy(tree: Any) -> Any:

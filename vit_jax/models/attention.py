@@ -9,6 +9,9 @@ from flax import nnx
 from vit_jax.models.layers import Dense, dropout, xavier_uniform
 
 IMPLEMENTATIONS = ("explicit", "xla", "cudnn")
+# The logit of a masked key (as jax.nn.dot_product_attention's): large, and far enough from
+# float32's limit that subtracting the row maximum stays finite.
+MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -25,6 +28,10 @@ class MultiHeadAttention(nnx.Module):
   Where the weights themselves are needed (attention dropout in training, ``keep_weights``)
   every implementation computes them explicitly. Setting ``keep_weights`` stores the last
   weights in ``self.weights`` (read by attention-map tools; use outside jit).
+
+  Optional call inputs (DETR): ``value``, the values' input when it differs from the keys'
+  (positions added to queries and keys only), and ``mask``, a key-padding mask [B, Tk] (True:
+  attend); masked logits are set to a large negative number before the float32 softmax.
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, qkv_bias: bool = True,
@@ -55,16 +62,28 @@ class MultiHeadAttention(nnx.Module):
     """Projects [..., T, D] to the heads-major layout [..., H, T, Dh]."""
     return jnp.swapaxes(dense(x), -2, -3)
 
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, *, train: bool = False,
-               rngs: nnx.Rngs | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+               value: jax.Array | None = None, mask: jax.Array | None = None,
+               train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """Queries from ``x`` [..., Tq, D], keys from ``context`` (default ``x``), values from
+    ``value`` (default the keys' input); ``mask`` [..., Tk] bool, True where a key counts."""
     context = x if context is None else context
+    value = context if value is None else value
+    if mask is not None:
+      if tuple(mask.shape) != tuple(context.shape[:-1]):
+        raise ValueError(f"key-padding mask of shape {tuple(mask.shape)} does not fit keys of "
+                         f"shape {tuple(context.shape)}: expected {tuple(context.shape[:-1])}")
+      mask = jnp.asarray(mask, bool)
     needs_weights = self.keep_weights or (train and self.dropout_rate > 0.0)
     if self.implementation != "explicit" and not needs_weights:
-      q, k, v = self.query(x), self.key(context), self.value(context)  # [B, T, H, Dh]
-      return self.out(jax.nn.dot_product_attention(q, k, v, implementation=self.implementation))
+      q, k, v = self.query(x), self.key(context), self.value(value)  # [B, T, H, Dh]
+      if mask is None:
+        return self.out(jax.nn.dot_product_attention(q, k, v, implementation=self.implementation))
+      return self.out(jax.nn.dot_product_attention(
+          q, k, v, mask=mask[..., None, None, :], implementation=self.implementation))
     q = self._heads(self.query, x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-    k, v = self._heads(self.key, context), self._heads(self.value, context)
-    weights = attention_weights(q, k)
+    k, v = self._heads(self.key, context), self._heads(self.value, value)
+    weights = attention_weights(q, k, mask)
     if self.keep_weights:
       self.weights = nnx.Intermediate(weights)
     weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
@@ -72,10 +91,16 @@ class MultiHeadAttention(nnx.Module):
     return self.out(jnp.swapaxes(y, -2, -3))
 
 
-def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
-  """softmax(q k^T) over the keys, for [..., T, Dh] queries and keys (softmax in float32)."""
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """softmax(q k^T) over the keys, for [..., T, Dh] queries and keys (softmax in float32).
+
+  ``mask``: [B, Tk] bool for [B, H, T, Dh] inputs, False for keys to leave out.
+  """
   logits = jnp.einsum("...qd,...kd->...qk", q, k)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  if mask is None:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  logits = jnp.where(mask[..., None, None, :], logits.astype(jnp.float32), MASKED_LOGIT)
+  return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
 
 def attention_flops(q_tokens: int, kv_tokens: int, dim: int, heads: int, head_dim: int,

@@ -154,3 +154,17 @@ class Mlp(nnx.Module):
 def mlp_flops(tokens: int, dim: int, hidden: int) -> int:
   """FLOPs (2 x multiply-adds) of ``Mlp(dim, hidden)`` on ``tokens`` tokens: its two matmuls."""
   return 2 * 2 * tokens * dim * hidden
+
+
+class MLPHead(nnx.Module):
+  """Dense, ReLU, Dense, ReLU, Dense (``Dense_{0,1,2}``): the detection heads of DETR and YOLOS."""
+
+  def __init__(self, dim: int, out_dim: int, out_axis: str | None, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.Dense_0 = Dense(dim, dim, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.Dense_1 = Dense(dim, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+    self.Dense_2 = Dense(dim, out_dim, axes=("embed", out_axis), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jax.nn.relu(self.Dense_0(x))
+    x = jax.nn.relu(self.Dense_1(x))
+    return self.Dense_2(x)

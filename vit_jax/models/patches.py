@@ -1,9 +1,11 @@
-"""Square images cut into square patches: the checks and the patchify step that the patch-based
-families share (ViT and the hybrids' ViT part, MLP-Mixer, TNT)."""
+"""Images cut into patches: the checks and the patchify step that the patch-based families share
+(ViT and the hybrids' ViT part, MLP-Mixer, TNT, YOLOS), and the (height, width) input sizes of
+the detectors."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from vit_jax.models.layers import check_dtype
 
@@ -41,3 +43,19 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   b, h, w, c = images.shape
   p = patch_size
   return images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+
+
+# An input size: an int (squares) or (height, width).
+ImageSize = int | tuple[int, int]
+
+
+def image_hw(image_size: ImageSize) -> tuple[int, int]:
+  """An int (a square) or a (height, width) pair -> (height, width)."""
+  if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
+    image_size = (image_size, image_size)
+  if (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+      and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0
+              for s in image_size)):
+    return int(image_size[0]), int(image_size[1])
+  raise ValueError(f"image_size {image_size!r} is neither a positive int nor a (height, width) "
+                   f"pair of them")

@@ -48,7 +48,8 @@ def register_family(name: str, *, pattern: str, build: Callable[..., nnx.Module]
                     checkpoint_family: str | None = None) -> Family:
   """Registers a model family whose names match ``pattern`` (a full match).
 
-  build: ``build(match, *, num_classes, image_size, rngs, overrides) -> model``.
+  build: ``build(match, *, num_classes, image_size, rngs, overrides) -> model`` (``image_size``
+    as given to ``create``: an int, or a (height, width) tuple for the families that take one).
   sizes: the family's size table (for documentation and tests).
   flops: ``flops(abstract_model) -> int``, 2 x the multiply-adds of one image's forward pass, read
     from the model's config (None: counted from the traced forward pass instead).
@@ -180,9 +181,12 @@ def resolve(name: str) -> tuple[Family, re.Match]:
                    f"(patterns: {describe()})")
 
 
-def create(name: str, *, num_classes: int, image_size: int = 224, rngs: nnx.Rngs | None = None,
-           **overrides: Any) -> nnx.Module:
+def create(name: str, *, num_classes: int, image_size: int | tuple[int, int] = 224,
+           rngs: nnx.Rngs | None = None, **overrides: Any) -> nnx.Module:
   """Builds the model called ``name`` with float32 parameters.
+
+  ``image_size``: the input size of a classifier (an int: squares), or for a detector the
+  training size as (height, width) or an int, the size its position embeddings are stored for.
 
   Works with no device mesh in context: parameters carry logical axis names as metadata and
   the trainer applies shardings. ``overrides`` set any option of the family's config (for ViT:
