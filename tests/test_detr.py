@@ -8,6 +8,7 @@ References are built offline from small configs with every parameter and buffer 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import re
@@ -23,7 +24,8 @@ from vit_jax import checkpoints, models
 from vit_jax.checkpoints import detr_names, hf_export
 from vit_jax.models import attention, detr
 from vit_jax.models.conv import CONV_AXES
-from vit_jax.train import sharding
+from vit_jax.train import checkpointing, sharding
+from vit_jax.train.state import TrainState
 from vit_jax.train.step import split_model
 
 NUM_CLASSES = 5
@@ -247,10 +249,24 @@ def test_original_pth_loads(hf_model, outputs, batch, tmp_path, torch_and_transf
   torch, _ = torch_and_transformers
   original = original_state_dict(hf_model.state_dict())
   assert original["transformer.encoder.layers.1.self_attn.in_proj_weight"].shape == (96, 32)
-  torch.save({"model": original}, tmp_path / "detr.pth")
+  # As the original's main.py saves it: the training arguments beside the weights.
+  args = argparse.Namespace(lr=1e-4, backbone="resnet50", dilation=False, aux_loss=True)
+  torch.save({"model": original, "args": args, "epoch": 3}, tmp_path / "detr.pth")
   model = checkpoints.load_pretrained(
       create(), tmp_path / "detr.pth")
   assert max_diff(run(model, *batch), outputs) < 1e-5
+
+
+def test_trainer_checkpoint_loads_with_the_batch_norm_statistics(ours, outputs, batch, tmp_path):
+  """A checkpoint of this library's trainer holds the frozen batch norm in ``model_state``;
+  loading it fills those too (not only the parameters)."""
+  _, params, model_state = split_model(ours)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+  ckpt.save(7, TrainState(step=np.int32(7), params=params, opt_state={}, model_state=model_state),
+            {"signature": {}, "step": 7})
+  ckpt.close()
+  model = checkpoints.load_pretrained(create(), tmp_path)
+  assert max_diff(run(model, *batch), outputs) < 1e-6
 
 
 def test_export_hf_folder_loads_in_transformers(ours, reference, outputs, batch, tmp_path,
