@@ -18,9 +18,8 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py --config configs/default.py --workdir workdirs/default
 
-# Three workers on the project's 2-core machines: a worker waiting on a subprocess or the disk
-# leaves a core to the others (measured in docs/benchmarks.md; TEST_WORKERS=0: one process).
-TEST_WORKERS ?= 3
+# Two workers, one per core of the project's machines (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
