@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 try:  # tests/ is importable when this runs as ``python -m bench.parity_yolos`` from the repository root
-  from tests.timm_helpers import import_timm, randomize_
+  from tests.test_yolos import random_yolos
+  from tests.timm_helpers import import_timm
 except ModuleNotFoundError as e:
   if e.name != "tests":
     raise
@@ -42,16 +43,8 @@ YOLOS_TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, 
 def reference(seed: int = 0):
   """transformers' YOLOS-Ti with every parameter random."""
   import_timm()  # makes the installed torchvision (which transformers imports) loadable
-  import torch
-  from transformers import YolosConfig, YolosForObjectDetection
-  ref = YolosForObjectDetection(YolosConfig(**YOLOS_TINY)).eval()
-  randomize_(ref, seed=seed, std=0.07)  # std 0.07: unit gain through 192-wide layers
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if "position_embeddings" in name or "token" in name:
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-  return ref
+  from transformers import YolosConfig
+  return random_yolos(YolosConfig(**YOLOS_TINY), seed, std=0.07)  # 0.07: unit gain at width 192
 
 
 def main(argv: list[str]) -> int:

@@ -37,21 +37,28 @@ def torch():
   return torch
 
 
-def hf_model(torch, mid: bool, seed: int):
-  """A random YolosForObjectDetection of SMALL's sizes (every parameter random, the position
-  embeddings and tokens at std 0.5 so that their resizing shows)."""
-  from transformers import YolosConfig, YolosForObjectDetection
-  config = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=list(STORED), patch_size=8, num_detection_tokens=12,
-                       num_labels=NUM_CLASSES, use_mid_position_embeddings=mid)
+def random_yolos(config, seed: int, std: float):
+  """transformers' YolosForObjectDetection of ``config`` with every parameter random (std
+  ``std``), the position embeddings and tokens at std 0.5 so that their resizing shows."""
+  import torch
+  from transformers import YolosForObjectDetection
   ref = YolosForObjectDetection(config).eval()
-  randomize_(ref, seed=seed, std=0.2)
+  randomize_(ref, seed=seed, std=std)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in ref.named_parameters():
       if "position_embeddings" in name or "token" in name:
         p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
   return ref
+
+
+def hf_model(torch, mid: bool, seed: int):
+  """A random YolosForObjectDetection of SMALL's sizes."""
+  from transformers import YolosConfig
+  config = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=list(STORED), patch_size=8, num_detection_tokens=12,
+                       num_labels=NUM_CLASSES, use_mid_position_embeddings=mid)
+  return random_yolos(config, seed, std=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import numpy as np
 from vit_jax.checkpoints import hf_export, loading, mapping, param_tree
 from vit_jax.checkpoints.mapping import Arrays, Family, Format, Rule, register_family, register_format, rename
 from vit_jax.checkpoints.timm_names import bias, conv, linear, split_bias, split_linear
-from vit_jax.checkpoints.torch_layouts import conv1x1_as_dense
+from vit_jax.checkpoints.torch_layouts import conv1x1_as_dense, dense_both_ways, norm, to_torch_conv
 from vit_jax.models.detr import DETR
 from vit_jax.models.resnet import DEPTHS
 
@@ -44,34 +44,8 @@ TIMM_RESNETS = {DEPTHS[26]: "resnet26", DEPTHS[50]: "resnet50", DEPTHS[101]: "re
 _HF_BACKBONE = "model.backbone.model."
 
 
-def _torch_linear(n_in: int):
-  """Our kernel (its first ``n_in`` axes the input) -> a torch Linear weight [out, in]."""
-  def save(arrays):
-    k = arrays[0]
-    return [k.reshape(int(np.prod(k.shape[:n_in])), -1).T]
-  return save
-
-
-def _flat(arrays):
-  return [arrays[0].reshape(-1)]
-
-
-def _torch_conv(arrays):
-  return [arrays[0].transpose(3, 2, 0, 1)]
-
-
 def _dense_as_conv1x1(arrays):
   return [arrays[0].T[:, :, None, None]]
-
-
-def _linear(src: str, dst: str, n_in: int = 1) -> tuple[Rule, ...]:
-  """torch Linear ``src`` <-> our Dense ``dst``."""
-  return (Rule(f"{src}.weight", f"{dst}/kernel", load=linear, save=_torch_linear(n_in)),
-          Rule(f"{src}.bias", f"{dst}/bias", load=bias, save=_flat))
-
-
-def _layer_norm(src: str, dst: str) -> tuple[Rule, ...]:
-  return rename(f"{src}.weight", f"{dst}/scale"), rename(f"{src}.bias", f"{dst}/bias")
 
 
 def _batch_norm(src: str, dst: str) -> tuple[Rule, ...]:
@@ -81,7 +55,7 @@ def _batch_norm(src: str, dst: str) -> tuple[Rule, ...]:
 
 
 def _conv(src: str, dst: str) -> Rule:
-  return Rule(src, dst, load=conv, save=_torch_conv)
+  return Rule(src, dst, load=conv, save=to_torch_conv)
 
 
 def backbone_rules(prefix: str) -> tuple[Rule, ...]:
@@ -98,9 +72,9 @@ def backbone_rules(prefix: str) -> tuple[Rule, ...]:
 
 
 def _hf_attention(src: str, dst: str) -> tuple[Rule, ...]:
-  return (*_linear(f"{src}.q_proj", f"{dst}/query"), *_linear(f"{src}.k_proj", f"{dst}/key"),
-          *_linear(f"{src}.v_proj", f"{dst}/value"),
-          *_linear(f"{src}.o_proj", f"{dst}/out", n_in=2))
+  return (*dense_both_ways(f"{src}.q_proj", f"{dst}/query"), *dense_both_ways(f"{src}.k_proj", f"{dst}/key"),
+          *dense_both_ways(f"{src}.v_proj", f"{dst}/value"),
+          *dense_both_ways(f"{src}.o_proj", f"{dst}/out", n_in=2))
 
 
 _ENC, _DEC = "model.encoder.layers.{i}", "model.decoder.layers.{i}"
@@ -112,20 +86,20 @@ HF_RULES = (
     rename("model.input_projection.bias", "input_proj/bias"),
     rename("model.query_position_embeddings.weight", "query_embed"),
     *_hf_attention(f"{_ENC}.self_attn", f"{_OURS_ENC}/self_attn"),
-    *_layer_norm(f"{_ENC}.self_attn_layer_norm", f"{_OURS_ENC}/norm1"),
-    *_linear(f"{_ENC}.mlp.fc1", f"{_OURS_ENC}/linear1"),
-    *_linear(f"{_ENC}.mlp.fc2", f"{_OURS_ENC}/linear2"),
-    *_layer_norm(f"{_ENC}.final_layer_norm", f"{_OURS_ENC}/norm2"),
+    *norm(f"{_ENC}.self_attn_layer_norm", f"{_OURS_ENC}/norm1"),
+    *dense_both_ways(f"{_ENC}.mlp.fc1", f"{_OURS_ENC}/linear1"),
+    *dense_both_ways(f"{_ENC}.mlp.fc2", f"{_OURS_ENC}/linear2"),
+    *norm(f"{_ENC}.final_layer_norm", f"{_OURS_ENC}/norm2"),
     *_hf_attention(f"{_DEC}.self_attn", f"{_OURS_DEC}/self_attn"),
-    *_layer_norm(f"{_DEC}.self_attn_layer_norm", f"{_OURS_DEC}/norm1"),
+    *norm(f"{_DEC}.self_attn_layer_norm", f"{_OURS_DEC}/norm1"),
     *_hf_attention(f"{_DEC}.encoder_attn", f"{_OURS_DEC}/multihead_attn"),
-    *_layer_norm(f"{_DEC}.encoder_attn_layer_norm", f"{_OURS_DEC}/norm2"),
-    *_linear(f"{_DEC}.mlp.fc1", f"{_OURS_DEC}/linear1"),
-    *_linear(f"{_DEC}.mlp.fc2", f"{_OURS_DEC}/linear2"),
-    *_layer_norm(f"{_DEC}.final_layer_norm", f"{_OURS_DEC}/norm3"),
-    *_layer_norm("model.decoder.layernorm", "decoder/norm"),
-    *_linear("class_labels_classifier", "class_embed"),
-    *_linear("bbox_predictor.layers.{j}", "bbox_embed/Dense_{j}"),
+    *norm(f"{_DEC}.encoder_attn_layer_norm", f"{_OURS_DEC}/norm2"),
+    *dense_both_ways(f"{_DEC}.mlp.fc1", f"{_OURS_DEC}/linear1"),
+    *dense_both_ways(f"{_DEC}.mlp.fc2", f"{_OURS_DEC}/linear2"),
+    *norm(f"{_DEC}.final_layer_norm", f"{_OURS_DEC}/norm3"),
+    *norm("model.decoder.layernorm", "decoder/norm"),
+    *dense_both_ways("class_labels_classifier", "class_embed"),
+    *dense_both_ways("bbox_predictor.layers.{j}", "bbox_embed/Dense_{j}"),
     Rule("{name:*}", "{name:*}", save=None),  # anything else is reported as unexpected
 )
 
@@ -137,7 +111,7 @@ def _packed_attention(src: str, dst: str) -> tuple[Rule, ...]:
                save=None),
           Rule(f"{src}.in_proj_bias", tuple(f"{f}/bias" for f in fused), load=split_bias(3),
                save=None),
-          *_linear(f"{src}.out_proj", f"{dst}/out", n_in=2))
+          *dense_both_ways(f"{src}.out_proj", f"{dst}/out", n_in=2))
 
 
 _T_ENC, _T_DEC = "transformer.encoder.layers.{i}", "transformer.decoder.layers.{i}"
@@ -147,21 +121,21 @@ ORIGINAL_RULES = (
     rename("input_proj.bias", "input_proj/bias"),
     rename("query_embed.weight", "query_embed"),
     *_packed_attention(f"{_T_ENC}.self_attn", f"{_OURS_ENC}/self_attn"),
-    *_linear(f"{_T_ENC}.linear1", f"{_OURS_ENC}/linear1"),
-    *_linear(f"{_T_ENC}.linear2", f"{_OURS_ENC}/linear2"),
-    *_layer_norm(f"{_T_ENC}.norm1", f"{_OURS_ENC}/norm1"),
-    *_layer_norm(f"{_T_ENC}.norm2", f"{_OURS_ENC}/norm2"),
-    *_layer_norm("transformer.encoder.norm", "encoder/norm"),
+    *dense_both_ways(f"{_T_ENC}.linear1", f"{_OURS_ENC}/linear1"),
+    *dense_both_ways(f"{_T_ENC}.linear2", f"{_OURS_ENC}/linear2"),
+    *norm(f"{_T_ENC}.norm1", f"{_OURS_ENC}/norm1"),
+    *norm(f"{_T_ENC}.norm2", f"{_OURS_ENC}/norm2"),
+    *norm("transformer.encoder.norm", "encoder/norm"),
     *_packed_attention(f"{_T_DEC}.self_attn", f"{_OURS_DEC}/self_attn"),
     *_packed_attention(f"{_T_DEC}.multihead_attn", f"{_OURS_DEC}/multihead_attn"),
-    *_linear(f"{_T_DEC}.linear1", f"{_OURS_DEC}/linear1"),
-    *_linear(f"{_T_DEC}.linear2", f"{_OURS_DEC}/linear2"),
-    *_layer_norm(f"{_T_DEC}.norm1", f"{_OURS_DEC}/norm1"),
-    *_layer_norm(f"{_T_DEC}.norm2", f"{_OURS_DEC}/norm2"),
-    *_layer_norm(f"{_T_DEC}.norm3", f"{_OURS_DEC}/norm3"),
-    *_layer_norm("transformer.decoder.norm", "decoder/norm"),
-    *_linear("class_embed", "class_embed"),
-    *_linear("bbox_embed.layers.{j}", "bbox_embed/Dense_{j}"),
+    *dense_both_ways(f"{_T_DEC}.linear1", f"{_OURS_DEC}/linear1"),
+    *dense_both_ways(f"{_T_DEC}.linear2", f"{_OURS_DEC}/linear2"),
+    *norm(f"{_T_DEC}.norm1", f"{_OURS_DEC}/norm1"),
+    *norm(f"{_T_DEC}.norm2", f"{_OURS_DEC}/norm2"),
+    *norm(f"{_T_DEC}.norm3", f"{_OURS_DEC}/norm3"),
+    *norm("transformer.decoder.norm", "decoder/norm"),
+    *dense_both_ways("class_embed", "class_embed"),
+    *dense_both_ways("bbox_embed.layers.{j}", "bbox_embed/Dense_{j}"),
     Rule("{name:*}", "{name:*}", save=None),
 )
 

@@ -1,5 +1,6 @@
 """Rules for PyTorch module layouts shared by the timm formats of the hybrid, BiT, Mixer and TNT
-families: LayerNorm/GroupNorm (``weight`` is our ``scale``), Linear, convolutions."""
+families and the transformers/original formats of YOLOS and DETR: LayerNorm/GroupNorm
+(``weight`` is our ``scale``), Linear, convolutions."""
 
 from __future__ import annotations
 
@@ -18,6 +19,31 @@ def dense(src: str, dst: str, use_bias: bool = True) -> tuple[Rule, ...]:
   """torch Linear ``src`` [out, in] -> our Dense ``dst`` [in, out] (reshaped to the model's)."""
   rules = (Rule(f"{src}.weight", f"{dst}/kernel", load=linear, save=None),)
   return rules + ((Rule(f"{src}.bias", f"{dst}/bias", load=bias, save=None),) if use_bias else ())
+
+
+def to_torch_linear(n_in: int):
+  """Save function: our Dense kernel (its first ``n_in`` axes the input) -> a torch Linear weight
+  [out, in]."""
+  def save(arrays):
+    k = arrays[0]
+    return [k.reshape(int(np.prod(k.shape[:n_in])), -1).T]
+  return save
+
+
+def flat(arrays):
+  """Save function: an array -> its flat copy (a torch bias)."""
+  return [arrays[0].reshape(-1)]
+
+
+def to_torch_conv(arrays):
+  """Save function: our conv kernel HWIO -> a torch Conv2d weight OIHW."""
+  return [arrays[0].transpose(3, 2, 0, 1)]
+
+
+def dense_both_ways(src: str, dst: str, n_in: int = 1) -> tuple[Rule, ...]:
+  """torch Linear ``src`` <-> our Dense ``dst`` (``n_in`` input axes), loaded and exported."""
+  return (Rule(f"{src}.weight", f"{dst}/kernel", load=linear, save=to_torch_linear(n_in)),
+          Rule(f"{src}.bias", f"{dst}/bias", load=bias, save=flat))
 
 
 def conv_kernel(src: str, dst: str) -> Rule:

@@ -26,7 +26,7 @@ from vit_jax.checkpoints import hf_export, loading, mapping, param_tree, readers
 from vit_jax.checkpoints.mapping import Arrays, Family, Format, Rule, register_family, register_format, rename
 from vit_jax.checkpoints.readers import CheckpointError
 from vit_jax.checkpoints.timm_names import bias, conv, linear, split_bias, split_linear
-from vit_jax.checkpoints.torch_layouts import dense, norm
+from vit_jax.checkpoints.torch_layouts import dense, dense_both_ways, norm, to_torch_conv
 from vit_jax.models.yolos import YOLOS, ImageSize, image_hw, resize_positions
 
 BLOCKS = "Transformer/blocks"
@@ -39,33 +39,11 @@ RELEASED_SIZES = ((800, 1333), (512, 864), (800, 1344))
 register_family(Family(name="YOLOS", model_type=YOLOS, layer_lists=(BLOCKS,), head="class_head"))
 
 
-def _to_torch_linear(n_in: int):
-  """Our kernel (its first ``n_in`` axes the input) -> a torch Linear weight [out, in]."""
-  def save(arrays):
-    k = arrays[0]
-    return [k.reshape(int(np.prod(k.shape[:n_in])), -1).T]
-  return save
-
-
-def _flat(arrays):
-  return [arrays[0].reshape(-1)]
-
-
-def _linear(src: str, dst: str, n_in: int = 1) -> tuple[Rule, ...]:
-  """torch Linear ``src`` <-> our Dense ``dst``, both ways."""
-  return (Rule(f"{src}.weight", f"{dst}/kernel", load=linear, save=_to_torch_linear(n_in)),
-          Rule(f"{src}.bias", f"{dst}/bias", load=bias, save=_flat))
-
-
-def _conv_save(arrays):
-  return [arrays[0].transpose(3, 2, 0, 1)]
-
-
 _LAYER, _OURS = "vit.encoder.layer.{i}", BLOCKS + "/{i}"
 _ATTN = f"{_OURS}/MultiHeadDotProductAttention_1"
 HF_RULES = (
     Rule("vit.embeddings.patch_embeddings.projection.weight", "embedding/kernel", load=conv,
-         save=_conv_save),
+         save=to_torch_conv),
     rename("vit.embeddings.patch_embeddings.projection.bias", "embedding/bias"),
     rename("vit.embeddings.cls_token", "cls"),
     rename("vit.embeddings.detection_tokens", DET_TOKENS),
@@ -73,16 +51,16 @@ HF_RULES = (
     rename("vit.encoder.mid_position_embeddings", MID_POSEMB),  # the hub's name, also written
     Rule("vit.encoder.interpolation.mid_position_embeddings", MID_POSEMB, save=None),  # transformers 5
     *norm(f"{_LAYER}.layernorm_before", f"{_OURS}/LayerNorm_0"),
-    *_linear(f"{_LAYER}.attention.attention.query", f"{_ATTN}/query"),
-    *_linear(f"{_LAYER}.attention.attention.key", f"{_ATTN}/key"),
-    *_linear(f"{_LAYER}.attention.attention.value", f"{_ATTN}/value"),
-    *_linear(f"{_LAYER}.attention.output.dense", f"{_ATTN}/out", n_in=2),
+    *dense_both_ways(f"{_LAYER}.attention.attention.query", f"{_ATTN}/query"),
+    *dense_both_ways(f"{_LAYER}.attention.attention.key", f"{_ATTN}/key"),
+    *dense_both_ways(f"{_LAYER}.attention.attention.value", f"{_ATTN}/value"),
+    *dense_both_ways(f"{_LAYER}.attention.output.dense", f"{_ATTN}/out", n_in=2),
     *norm(f"{_LAYER}.layernorm_after", f"{_OURS}/LayerNorm_2"),
-    *_linear(f"{_LAYER}.intermediate.dense", f"{_OURS}/MlpBlock_3/Dense_0"),
-    *_linear(f"{_LAYER}.output.dense", f"{_OURS}/MlpBlock_3/Dense_1"),
+    *dense_both_ways(f"{_LAYER}.intermediate.dense", f"{_OURS}/MlpBlock_3/Dense_0"),
+    *dense_both_ways(f"{_LAYER}.output.dense", f"{_OURS}/MlpBlock_3/Dense_1"),
     *norm("vit.layernorm", "Transformer/encoder_norm"),
-    *_linear("class_labels_classifier.layers.{j}", "class_head/Dense_{j}"),
-    *_linear("bbox_predictor.layers.{j}", "box_head/Dense_{j}"),
+    *dense_both_ways("class_labels_classifier.layers.{j}", "class_head/Dense_{j}"),
+    *dense_both_ways("bbox_predictor.layers.{j}", "box_head/Dense_{j}"),
     Rule("{name:*}", "{name:*}", save=None),  # anything else is reported as unexpected
 )
 
