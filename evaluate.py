@@ -1,7 +1,9 @@
 """Evaluate a checkpoint: python evaluate.py --config configs/NAME.py --workdir DIR [--checkpoint PATH] [--split S]
 
 Evaluates the latest checkpoint in DIR (or the checkpoint directory PATH, e.g. DIR/checkpoints/3000), prints
-top-1, top-5 and loss and writes them as JSON (DIR/eval_<split>_<step>.json, or --output).
+the task's metrics (classification: top-1, top-5 and loss; detection: COCO's 12 AP/AR figures) and writes them
+as JSON (DIR/eval_<split>_<step>.json, or --output). Detection: --detections FILE also writes the detections
+in COCO results format.
 """
 
 import json
@@ -19,6 +21,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its latest ch
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint step directory, e.g. DIR/checkpoints/3000.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval_split).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: in the workdir).")
+_DETECTIONS = flags.DEFINE_string("detections", None,
+                                  "Detection: write the detections here in COCO results format.")
 command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices
 flags.mark_flag_as_required("config")
 
@@ -49,12 +53,21 @@ def main(argv):
       raise ValueError(f"no checkpoint in {directory}")
     state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step)
     split = _SPLIT.value or _CONFIG.value.eval_split
-    result = trainer.evaluate(setup, state, split=split)
+    evaluator = setup.task.evaluator()
+    if _DETECTIONS.value and not hasattr(evaluator, "results_json"):
+      raise ValueError(f"--detections: the {_CONFIG.value.task} task writes no detections")
+    result = trainer.evaluate(setup, state, split=split, evaluator=evaluator)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   result = {"step": meta["step"], "split": split, **result}
   print(f"step {result['step']} {split}: {setup.task.format_metrics(result)}")
+  if hasattr(setup.task, "table"):
+    print(setup.task.table(result))
+  if _DETECTIONS.value:
+    with open(_DETECTIONS.value, "w") as f:
+      json.dump(evaluator.results_json(), f)
+    print(f"detections written to {_DETECTIONS.value}")
   output = _OUTPUT.value or os.path.join(out_dir, f"eval_{split}_{result['step']}.json")
   with open(output, "w") as f:
     json.dump(result, f, indent=2)

@@ -1,11 +1,14 @@
-"""Classify images: python predict.py --checkpoint PATH [--model NAME] [--json OUT] IMAGE...
+"""Classify images or detect objects: python predict.py --checkpoint PATH [--model NAME] [--json OUT] IMAGE...
 
 PATH is a released .npz (original ViT or big_vision), a timm .safetensors / torch file, or a
 checkpoint of this library's trainer (a workdir, its checkpoints/ directory or one step). The
 model is read from the checkpoint when --model is not given. Prints the top-5 classes of each
 image with their names: ImageNet-1k / -21k names for 1,000 / 21,843-class checkpoints, a
 dataset's names with --labels DATASET (a TFDS name or imagefolder:/root) or --labels FILE (one
-name per line); class indices otherwise. Takes train.py's process flags too (--xla_preset,
+name per line); class indices otherwise. Detection checkpoints (this trainer's, of configs/detection.py; or YOLOS / DETR files with --model):
+prints label, score and pixel box of every detection above --threshold, writes the image with its
+boxes drawn to --out DIR (one PNG per input) and, with --json, the detections in COCO results format
+(image_id: the input's position). Takes train.py's process flags too (--xla_preset,
 --host_memory, --fake_devices; vit_jax/command_line.py).
 """
 
@@ -24,6 +27,7 @@ from vit_jax import command_line  # imports no JAX: the process is set up in __m
 command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
 
 SIZE_OPTIONS = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
+DETECTORS = ("YOLOS", "DETR")  # model families predict.py runs as detectors
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,6 +43,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                   "imagefolder:/root | a text file with one class name per line")
   p.add_argument("--top_k", type=int, default=5)
   p.add_argument("--json", metavar="OUT", help="also write the predictions to this JSON file")
+  p.add_argument("--threshold", type=float, default=0.5,
+                 help="detection: the lowest score printed and drawn (default 0.5)")
+  p.add_argument("--out", metavar="DIR", help="detection: write each image with its boxes here")
+  p.add_argument("--canvas", help="detection: HEIGHT,WIDTH the image is fitted and padded to "
+                                  "(default: the checkpoint's; 800,1333 for files without one)")
+  p.add_argument("--normalize", choices=("minus_one_one", "imagenet"),
+                 help="detection: pixel scaling; default minus_one_one for this trainer's "
+                      "checkpoints (value_range(-1, 1)), imagenet mean/std for released files")
   return p.parse_args(argv)
 
 
@@ -98,13 +110,98 @@ def model_spec(args: argparse.Namespace):
   # The name fixes the sizes; options such as the classifier still come from the checkpoint.
   overrides = {k: v for k, v in spec.overrides.items() if k not in SIZE_OPTIONS} if same_family else {}
   return checkpoints.ModelSpec(args.model, num_classes, spec.image_size if spec else 224,
-                               overrides), ckpt
+                               overrides, spec.task if spec else "classification"), ckpt
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def fit_to_canvas(path: str, canvas: tuple[int, int], channels: int, normalize: str):
+  """(the decoded image HWC uint8, the model input [H, W, C] fitted into ``canvas`` keeping the
+  aspect ratio and zero-padded at the bottom and right, its pixel mask [H, W])."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB" if channels == 3 else "L")
+      original = np.asarray(im, np.uint8).reshape(im.height, im.width, channels)
+      scale = min(canvas[0] / im.height, canvas[1] / im.width)
+      size = (max(1, min(canvas[1], round(im.width * scale))),
+              max(1, min(canvas[0], round(im.height * scale))))
+      x = np.asarray(im.resize(size, Image.BILINEAR), np.float32).reshape(size[1], size[0], channels)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read the image {path!r}: {e}") from None
+  if normalize == "imagenet":
+    x = (x / 255.0 - np.asarray(IMAGENET_MEAN[:channels])) / np.asarray(IMAGENET_STD[:channels])
+  else:
+    x = x / 127.5 - 1.0
+  padded = np.zeros((*canvas, channels), np.float32)
+  padded[:x.shape[0], :x.shape[1]] = x
+  mask = np.zeros(canvas, np.float32)
+  mask[:x.shape[0], :x.shape[1]] = 1.0
+  return original, padded, mask
+
+
+def detect(args: argparse.Namespace, spec, ckpt) -> list[dict]:
+  """predict.py for detectors (see the module docstring)."""
+  import jax.numpy as jnp
+  from vit_jax import checkpoints, models
+  from vit_jax.detection import draw, postprocess
+  if args.canvas:
+    try:
+      canvas = tuple(int(v) for v in args.canvas.split(","))
+      assert len(canvas) == 2 and min(canvas) > 0
+    except (ValueError, AssertionError):
+      raise ValueError(f"--canvas {args.canvas!r}: give HEIGHT,WIDTH, e.g. 800,1333") from None
+  elif isinstance(spec.image_size, tuple):
+    canvas = spec.image_size
+  else:
+    canvas = (800, 1333)
+  model = models.create(spec.name, num_classes=spec.num_classes, image_size=canvas,
+                        **spec.overrides)
+  checkpoints.load_pretrained(model, ckpt)
+  channels = model.config.channels
+  normalize = args.normalize or ("minus_one_one" if ckpt.container == "orbax" else "imagenet")
+  names = class_names(args.labels, spec.num_classes, ckpt.meta) if (
+      args.labels or ckpt.meta.get("dataset")) else None
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+  results, coco = [], []
+  print(f"{spec.name} ({spec.num_classes} classes, canvas {canvas[0]}x{canvas[1]}) from {ckpt.path}")
+  for index, path in enumerate(args.images):
+    original, x, mask = fit_to_canvas(path, canvas, channels, normalize)
+    outputs = model(jnp.asarray(x[None]), pixel_mask=jnp.asarray(mask[None]))
+    found = postprocess.select_detections(
+        postprocess.postprocess(outputs, jnp.asarray([original.shape[:2]])), args.threshold)[0]
+    order = np.argsort(-found["scores"], kind="stable")
+    found = {k: v[order] for k, v in found.items()}
+    label = lambda i: names[int(i)] if names else str(int(i))
+    print(f"{path}: {len(order)} detections above {args.threshold}")
+    for score, cls, box in zip(found["scores"], found["labels"], found["boxes"]):
+      x0, y0, x1, y1 = (float(v) for v in box)
+      print(f"  {label(cls):>12} {score:6.3f}  box ({x0:.1f}, {y0:.1f}, {x1:.1f}, {y1:.1f})")
+      coco.append({"image_id": index, "file_name": path, "category_id": int(cls),
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+    results.append({"image": path, "detections": [
+        {"label": label(c), "index": int(c), "score": float(s), "box": [float(v) for v in b]}
+        for s, c, b in zip(found["scores"], found["labels"], found["boxes"])]})
+    if args.out:
+      name = os.path.splitext(os.path.basename(path))[0] + ".png"
+      draw.draw_detections(original, found["boxes"], found["scores"], found["labels"],
+                           names).save(os.path.join(args.out, name))
+  if args.out:
+    print(f"images with their boxes written to {args.out}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(coco, f, indent=2)
+  return results
 
 
 def predict(argv: list[str]) -> list[dict]:
   args = parse_args(argv)
   from vit_jax import checkpoints, models
   spec, ckpt = model_spec(args)
+  if spec.task == "detection" or models.resolve(spec.name)[0].name in DETECTORS:
+    return detect(args, spec, ckpt)
   if not spec.num_classes:
     raise ValueError(f"{ckpt.path!r} has no classification head: nothing to predict with")
   size = args.image_size or spec.image_size

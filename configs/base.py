@@ -32,7 +32,7 @@ def model_block(**values) -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "classification"         # a registered task (vit_jax/tasks/): classification
+  c.task = "classification"         # a registered task (vit_jax/tasks/): classification | detection
   c.seed = 0                        # parameters, data order, augmentation and dropout keys
 
   # Data (vit_jax/data): a tfds name, "sklearn_digits" (embedded) or "imagefolder:/root".
@@ -68,9 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.total_steps = 2_000
   c.lr = 1e-3                       # peak learning rate
   c.schedule = ml_collections.ConfigDict(dict(
-      name="cosine",                # cosine | linear | rsqrt | constant, after the warm-up
+      name="cosine",                # cosine | linear | rsqrt | constant | step, after the warm-up
       warmup_steps=200,             # linear from 0 to lr
       end_lr=0.0,                   # cosine and linear decay to this
+      boundaries=(),                # step: the rate is multiplied by factor at each of these steps
+      factor=0.1,
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw",                 # adamw | sgd | adafactor: its block below goes to optax
@@ -94,6 +96,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "softmax_xent"           # softmax_xent | sigmoid_xent
   c.label_smoothing = 0.0
   c.mixup_alpha = 0.0               # 0: no mixup
+
+  # Detection (vit_jax/tasks/detection.py): YOLOS-* and DETR-* with DETR's set loss.
+  c.detection = ml_collections.ConfigDict(dict(
+      canvas=placeholder(tuple),    # (height, width) every batch is padded to (None: image_size)
+      max_boxes=100,                # targets per image; boxes beyond it are dropped and counted
+      class_cost=1.0,               # matching cost: class probability, L1 and GIoU of the boxes
+      bbox_cost=5.0,
+      giou_cost=2.0,
+      ce_loss_coef=1.0,             # objective: classification, L1 and GIoU terms
+      bbox_loss_coef=5.0,
+      giou_loss_coef=2.0,
+      eos_coef=0.1,                 # the no-object class's weight in the classification term
+      matcher="scipy",              # scipy (on the host) | jax (on the device)
+      aux_loss=True,                # DETR: every decoder layer's terms in the objective
+  ))
 
   c.log_every = 100
   c.eval_every = 1_000

@@ -52,8 +52,15 @@ def test_schedules_warm_up_then_decay(name):
     assert float(s(99)) < float(s(50)) < 1.0
 
 
+def test_step_schedule_multiplies_at_each_boundary():
+  s = optimizer.make_schedule(1.0, 100, "step", warmup_steps=0, boundaries=(40, 80), factor=0.1)
+  assert [float(s(i)) for i in (0, 39, 40, 79, 80)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
 def test_unknown_schedule_and_optimizer():
   with pytest.raises(ValueError, match="not one of"):
+    optimizer.make_schedule(1.0, 10, "exponential")
+  with pytest.raises(ValueError, match="needs schedule.boundaries"):
     optimizer.make_schedule(1.0, 10, "step")
   cfg = tiny_config()
   cfg.optimizer.name = "lamb"

@@ -291,8 +291,11 @@ def infer_model(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint]
   ckpt = readers.read(os.fspath(path))
   signature = ckpt.meta.get("signature")
   if ckpt.container == "orbax" and signature:
-    return ModelSpec(signature["model"], int(signature["num_classes"]), int(signature["image_size"]),
-                     dict(signature.get("options") or {})), ckpt
+    task = signature.get("task", "classification")
+    size = (tuple(int(v) for v in signature["canvas"]) if "canvas" in signature
+            else int(signature["image_size"]))
+    return ModelSpec(signature["model"], int(signature["num_classes"]), size,
+                     dict(signature.get("options") or {}), task), ckpt
   for family in mapping.families():
     if family.infer is None:
       continue

@@ -144,8 +144,9 @@ class ModelSpec:
   """What ``models.create`` needs to rebuild the model a checkpoint holds."""
   name: str
   num_classes: int
-  image_size: int
+  image_size: int | tuple[int, int]  # a detector's: the (height, width) canvas it was trained on
   overrides: dict
+  task: str = "classification"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -394,3 +394,7 @@ def rename(inkey: str, outkey: str) -> Op:
     return example
 
   return apply
+
+
+# The detection ops (det_*) register themselves in the same registry.
+from vit_jax.data import detection_ops  # pylint: disable=g-import-not-at-top,unused-import,wrong-import-position

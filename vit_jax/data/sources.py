@@ -1,15 +1,29 @@
-"""Where examples come from: TFDS datasets and image folders, read as ordered, sharded raw records.
+"""Where examples come from (TFDS, image folders, COCO files), read as ordered, sharded raw records.
 
 Dataset names:
   * any TFDS name, optionally with a version: `cifar10`, `imagenet2012:5.1.0`, `oxford_iiit_pet`,
-    `sklearn_digits` (this package's builder for scikit-learn's digits);
+    `coco/2017`, `voc/2007`, and this package's offline builders `sklearn_digits` (scikit-learn's
+    digits) and `digit_scenes` (detection scenes made of them);
   * `imagefolder:/path/to/root` for images in `root/<split>/<class>/*.{jpg,jpeg,png,bmp,gif}` (class names
-    are the sorted union of the class folders of all splits).
+    are the sorted union of the class folders of all splits);
+  * `coco:/path/instances.json,/path/images` for a COCO-format detection annotation file and its images
+    (see `vit_jax.data.coco_format`).
 
 TFDS data is read from `data_dir` (None: TFDS's default, `$TFDS_DATA_DIR` or `~/tensorflow_datasets`). A
-builder that ships its data (`sklearn_digits`) is prepared there automatically on first use; any other
-dataset that is not prepared raises ValueError saying how to prepare it, and nothing is ever downloaded.
-Under `tfds.testing.mock_data` the mocked examples are used.
+builder that ships its data (`sklearn_digits`, `digit_scenes`) is prepared there automatically on first use;
+any other dataset that is not prepared raises ValueError saying how to prepare it, and nothing is ever
+downloaded. Under `tfds.testing.mock_data` the mocked examples are used.
+
+Tasks (`DatasetInfo.task`):
+  * "classification": a TFDS dataset with a ClassLabel `label`, or an image folder; records hold `image` and
+    `label` (and whatever else the dataset has).
+  * "detection": a TFDS dataset whose `objects` sequence holds a ClassLabel `label` and a BBoxFeature `bbox`
+    (`coco/2017`, `voc`, `digit_scenes`), or a COCO file. Every detection source yields records of
+    exactly `image` (uint8 [h, w, c]), `image/id` (int64), `objects`: {`bbox` float32 [n, 4] normalised
+    (ymin, xmin, ymax, xmax), `label` int64 [n], `is_crowd` bool [n]} (COCO files add `image/filename`).
+    A dataset without `image/id` (e.g. `voc`) gets the example's index within the split as read
+    (`train+validation` numbers the union); one without `is_crowd` gets all False. Other object fields
+    are dropped.
 
 A source reads one shard of a split as raw records in a fixed order. Records may still hold encoded images
 (for large datasets, so that skipping records on resume costs no decoding); `Source.decode` turns a raw
@@ -32,15 +46,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGEFOLDER_PREFIX = "imagefolder:"
 # Splits whose decoded images take at most this many bytes are decoded once and cached in memory.
 CACHE_MAX_BYTES = 512 * 2**20
+CLASSIFICATION, DETECTION = "classification", "detection"
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What the model and the trainer need to know about a dataset."""
   num_classes: int
-  num_examples: dict[str, int]  # split -> count (may be empty under tfds.testing.mock_data)
+  num_examples: dict[str, int]  # split -> count (empty if unknown, e.g. under tfds.testing.mock_data)
   class_names: list[str] | None
   image_shape: tuple | None  # e.g. (8, 8, 1); None entries for variable sizes
+  task: str = CLASSIFICATION  # or DETECTION
+  category_ids: list[int] | None = None  # a COCO file's category id of each label, for results files
 
 
 class Source(abc.ABC):
@@ -78,7 +95,8 @@ class TfdsSource(Source):
   def __init__(self, name: str, data_dir: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    from vit_jax.data import digits  # pylint: disable=g-import-not-at-top,unused-import  # Registers it.
+    # pylint: disable-next=g-import-not-at-top,unused-import  # Registers the builders.
+    from vit_jax.data import digit_scenes, digits
 
     self.name = name
     self._tfds = tfds
@@ -105,9 +123,9 @@ class TfdsSource(Source):
   def _make_info(self) -> DatasetInfo:
     features = self.builder.info.features
     label = features["label"] if "label" in features else None
+    task = CLASSIFICATION
     if not isinstance(label, self._tfds.features.ClassLabel):
-      raise ValueError(f"dataset {self.name!r} has no ClassLabel feature 'label' (features: "
-                       f"{sorted(features)}); vit_jax.data reads image classification datasets only")
+      label, task = self._detection_label(features), DETECTION
     image = features["image"] if "image" in features else None
     if not isinstance(image, self._tfds.features.Image):
       raise ValueError(f"dataset {self.name!r} has no Image feature 'image' (features: {sorted(features)})")
@@ -116,7 +134,22 @@ class TfdsSource(Source):
         num_examples={s: int(i.num_examples) for s, i in self.builder.info.splits.items()},
         class_names=list(label.names) if label.names else None,
         image_shape=tuple(image.shape),
+        task=task,
     )
+
+  def _detection_label(self, features: Any) -> Any:
+    """The ClassLabel `objects/label` of a detection dataset; ValueError if it is not one."""
+    objects = features["objects"] if "objects" in features else None
+    fields = getattr(objects, "feature", None)
+    if (isinstance(objects, self._tfds.features.Sequence) and
+        isinstance(fields, self._tfds.features.FeaturesDict) and "label" in fields and "bbox" in fields and
+        isinstance(fields["label"], self._tfds.features.ClassLabel) and
+        isinstance(fields["bbox"], self._tfds.features.BBoxFeature)):
+      return fields["label"]
+    raise ValueError(
+        f"dataset {self.name!r} has neither a ClassLabel feature 'label' (classification) nor an 'objects' "
+        "sequence with a ClassLabel 'label' and a BBoxFeature 'bbox' (detection); its features are "
+        f"{sorted(features)}")
 
   def _check_split(self, split: str) -> None:
     known = self.info.num_examples
@@ -167,15 +200,56 @@ class TfdsSource(Source):
   def read(self, split: str, shard: int, num_shards: int) -> tuple[Any, Callable | None, bool]:
     self._check_split(split)
     subsplit = self._subsplit(split, shard, num_shards)
-    if self._cacheable(split):
-      return self._as_dataset(subsplit, decoders=None), None, True
+    cacheable = self._cacheable(split)
+    # tfds.testing.mock_data encodes mocked examples to skip-decode them, which fails for its detection
+    # examples (their object fields differ in length): read those decoded.
+    decoded = cacheable or (self.info.task == DETECTION and self._mocked())
+    decoders = None if decoded else {"image": self._tfds.decode.SkipDecoding()}
+    ds = self._as_dataset(subsplit, decoders=decoders)
+    if self.info.task == DETECTION:
+      ds = self._detection_records(ds, split, shard, num_shards)
+    if decoded:
+      return ds, None, cacheable
     image_feature = self.builder.info.features["image"]
-    ds = self._as_dataset(subsplit, decoders={"image": self._tfds.decode.SkipDecoding()})
 
     def decode(example: dict) -> dict:
       return {**example, "image": image_feature.decode_example(example["image"])}
 
     return ds, decode, False
+
+  def _mocked(self) -> bool:
+    """Whether `tfds.testing.mock_data` is active."""
+    # pylint: disable-next=protected-access
+    as_dataset = self._tfds.core.dataset_builder.FileReaderBuilder._as_dataset
+    return getattr(as_dataset, "__module__", "") == "tensorflow_datasets.testing.mocking"
+
+  def _detection_records(self, ds: Any, split: str, shard: int, num_shards: int) -> Any:
+    """Records of exactly `image`, `image/id` and `objects` {bbox, label, is_crowd} (module docstring)."""
+    tf = import_tf()
+    features = self.builder.info.features
+    has_id = "image/id" in features and np.issubdtype(features["image/id"].np_dtype, np.integer)
+    has_crowd = "is_crowd" in features["objects"].feature
+    if not has_id:
+      ds = ds.enumerate(start=sum(self.shard_sizes(split, num_shards)[:shard]))
+    else:
+      ds = ds.map(lambda ex: (ex["image/id"], ex))
+
+    def normalise(image_id: Any, example: dict) -> dict:
+      objects = example["objects"]
+      fields = [objects["bbox"], objects["label"]] + ([objects["is_crowd"]] if has_crowd else [])
+      n = tf.reduce_min([tf.shape(f)[0] for f in fields])  # Equal, except in tfds.testing.mock_data.
+      is_crowd = tf.cast(objects["is_crowd"][:n], tf.bool) if has_crowd else tf.zeros([n], tf.bool)
+      return {
+          "image": example["image"],
+          "image/id": tf.cast(image_id, tf.int64),
+          "objects": {
+              "bbox": tf.reshape(tf.cast(objects["bbox"][:n], tf.float32), [-1, 4]),
+              "label": tf.cast(objects["label"][:n], tf.int64),
+              "is_crowd": is_crowd,
+          },
+      }
+
+    return ds.map(tf.autograph.experimental.do_not_convert(normalise))
 
 
 def _split_names(split: str) -> list[str]:
@@ -192,7 +266,8 @@ def _unknown_dataset_message(name: str, tfds: Any) -> str:
   close = difflib.get_close_matches(base, known, n=5)
   hint = f" Did you mean: {', '.join(close)}?" if close else ""
   return (f"unknown dataset {name!r}: TFDS has no builder named {base!r}.{hint} List the known names with "
-          "`tfds.list_builders()`; for a folder of images use 'imagefolder:/path/to/root'.")
+          "`tfds.list_builders()`; for a folder of images use 'imagefolder:/path/to/root', for a COCO "
+          "annotation file 'coco:/path/instances.json,/path/images'.")
 
 
 class ImageFolderSource(Source):
@@ -268,13 +343,18 @@ def _list_class_images(tf: Any, split_dir: str) -> dict[str, list[str]]:
 def open_source(dataset: str, data_dir: str | None = None) -> Source:
   """The source for a dataset name (see the module docstring for the accepted names)."""
   if not isinstance(dataset, str) or not dataset.strip():
-    raise ValueError(f"dataset must be a TFDS name or 'imagefolder:/path', got {dataset!r}")
+    raise ValueError("dataset must be a TFDS name, 'imagefolder:/path' or 'coco:/path/instances.json,"
+                     f"/path/images', got {dataset!r}")
   import_tf()  # Hides the GPUs from TF before anything (TFDS included) initialises its devices.
   if dataset.startswith(IMAGEFOLDER_PREFIX):
     return ImageFolderSource(dataset[len(IMAGEFOLDER_PREFIX):])
+  from vit_jax.data import coco_format  # pylint: disable=g-import-not-at-top  # It imports this module.
+
+  if coco_format.is_coco_format(dataset):
+    return coco_format.CocoFormatSource(dataset[len(coco_format.COCO_PREFIX):])
   return TfdsSource(dataset, data_dir)
 
 
 def dataset_info(dataset: str, data_dir: str | None = None) -> DatasetInfo:
-  """Classes, split sizes and image shape of `dataset` (preparing `sklearn_digits` if needed)."""
+  """Task, classes, split sizes and image shape of `dataset` (preparing offline builders if needed)."""
   return open_source(dataset, data_dir).info

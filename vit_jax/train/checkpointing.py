@@ -8,6 +8,7 @@ dies half-way is never restored: the previous step is.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
@@ -92,6 +93,9 @@ class Checkpointer:
 
 
 def check_signature(saved: dict, wanted: dict, where: str) -> None:
+  """Raises CheckpointMismatchError unless the signatures agree (as stored: JSON, so a tuple
+  option equals the list it was saved as)."""
+  saved, wanted = json.loads(json.dumps(saved)), json.loads(json.dumps(wanted))
   if saved == wanted:
     return
   diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config asks for {wanted.get(k)!r}"

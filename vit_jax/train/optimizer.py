@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "step")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 
 # Keys of the ``optimizer`` block itself (each optimizer's options live in its own sub-block).
@@ -45,10 +45,14 @@ _NOT_OPTIONS = ("learning_rate", "weight_decay", "weight_decay_rate", "weight_de
 
 
 def make_schedule(lr: float, total_steps: int, name: str = "cosine", warmup_steps: int = 0,
-                  end_lr: float = 0.0) -> optax.Schedule:
-  """Linear warm-up from 0 to ``lr``, then ``name`` decay (rsqrt decays from the warm-up end)."""
+                  end_lr: float = 0.0, boundaries: Sequence[int] = (),
+                  factor: float = 0.1) -> optax.Schedule:
+  """Linear warm-up from 0 to ``lr``, then ``name`` decay (rsqrt decays from the warm-up end;
+  step multiplies the rate by ``factor`` at each of the ``boundaries`` steps)."""
   if name not in SCHEDULES:
     raise ValueError(f"schedule {name!r} is not one of {SCHEDULES}")
+  if name == "step" and not boundaries:
+    raise ValueError("the step schedule needs schedule.boundaries, e.g. (400_000,)")
   decay_steps = max(total_steps - warmup_steps, 1)
 
   def schedule(step):
@@ -61,6 +65,9 @@ def make_schedule(lr: float, total_steps: int, name: str = "cosine", warmup_step
       decay = 1.0 - t * (1.0 - end_lr / lr)
     elif name == "rsqrt":
       decay = jax.lax.rsqrt(jnp.maximum(step, warmup_steps) + 1) * jnp.sqrt(warmup_steps + 1.0)
+    elif name == "step":
+      passed = sum((step >= b).astype(jnp.float32) for b in boundaries)
+      decay = factor ** passed
     else:
       decay = 1.0
     return lr * warm * decay

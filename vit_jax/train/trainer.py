@@ -166,11 +166,13 @@ def restore_or_init(setup: Setup, ckpt: checkpointing.Checkpointer) -> TrainStat
   return state
 
 
-def evaluate(setup: Setup, state: TrainState, eval_step=None, split: str | None = None) -> dict:
+def evaluate(setup: Setup, state: TrainState, eval_step=None, split: str | None = None,
+             evaluator: tasks.Evaluator | None = None) -> dict:
   """One pass over the eval split (every example exactly once, padding masked out): each
-  batch's outputs, replicated to every process, feed the task's host-side evaluator."""
+  batch's outputs, replicated to every process, feed the task's host-side evaluator (a new
+  one unless ``evaluator`` is given)."""
   eval_step = eval_step or setup.jit_eval_step()
-  evaluator = setup.task.evaluator()
+  evaluator = evaluator if evaluator is not None else setup.task.evaluator()
   batches = 0
   for local in setup.task.eval_data(split):
     evaluator.update(jax.device_get(eval_step(state.params, state.model_state,

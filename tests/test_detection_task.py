@@ -1,0 +1,130 @@
+"""The detection task end to end: the digit scenes through the trainer, COCO evaluation on
+eight devices, the real pipeline on mocked coco/2017 and on a COCO-format folder, bad input."""
+
+import logging as std_logging
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import detection
+from tests.test_detection_data import write_coco
+from vit_jax import tasks
+from vit_jax.data import digit_scenes
+from vit_jax.train import trainer
+
+TINY = {
+    "yolos": dict(hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128, num_det_tokens=10),
+    "detr": dict(resnet_width=8, hidden_size=64, encoder_layers=1, decoder_layers=2,
+                 num_heads=4, mlp_dim=128, num_queries=10),
+}
+# Steps and peak learning rate with which each tiny model learns its 8 scenes by heart.
+OVERFIT = {"yolos": (300, 1e-3), "detr": (500, 1e-3)}
+
+
+@pytest.fixture(scope="module")
+def scenes_dir(tmp_path_factory):
+  """digit_scenes prepared with 8 train and 13 test scenes (the definition's first ones)."""
+  data_dir = str(tmp_path_factory.mktemp("scenes"))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(digit_scenes, "SPLIT_SIZES", {"train": 8, "test": 13})
+    from vit_jax import data
+    info = data.dataset_info("digit_scenes", data_dir)
+  assert info.num_examples == {"train": 8, "test": 13} and info.task == "detection"
+  return data_dir
+
+
+def tiny(kind: str, data_dir: str, **overrides):
+  c = detection.get_config(f"{kind}_digits")
+  c.data_dir = data_dir
+  c.model.update(**TINY[kind])
+  steps, lr = OVERFIT[kind]
+  c.batch_size, c.eval_batch_size = 8, 8
+  c.total_steps, c.lr = steps, lr
+  c.schedule.update(warmup_steps=20, end_lr=lr * 0.1)
+  c.optimizer.grad_clip_norm = 1.0
+  c.log_every, c.eval_every, c.checkpoint_every = 100, steps, 10**6
+  for key, value in overrides.items():
+    setattr(c, key, value)
+  return c
+
+
+@pytest.mark.parametrize("kind", ["yolos", "detr"])
+def test_tiny_detectors_overfit_eight_scenes(kind, scenes_dir, tmp_path):
+  """The pipeline check every DETR user is told to run first: no augmentation, 8 scenes, until
+  they are learnt by heart; then the 13 test scenes on 8 devices are each evaluated once."""
+  config = tiny(kind, scenes_dir, eval_split="train")
+  final = trainer.train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+  assert final["images"] == 8
+  assert final["AP50"] >= 0.9, final
+
+  one = trainer.make_setup(config, jax.devices()[:1])
+  state, _ = trainer.checkpointing.Checkpointer(str(tmp_path / "checkpoints")).restore(
+      one.sharded_abstract_state(), one.task.signature())
+  eight = trainer.make_setup(config, jax.devices())
+  state8 = jax.device_put(jax.device_get(state), eight.shardings)
+  on_eight = trainer.evaluate(eight, state8, split="test")
+  assert on_eight["images"] == 13
+  assert on_eight == pytest.approx(trainer.evaluate(one, state, split="test"), abs=1e-9)
+
+
+def test_the_real_pipeline_on_mocked_coco_2017(tmp_path, caplog):
+  import tensorflow_datasets as tfds
+  c = detection.get_config("yolos_ti_coco")
+  c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, num_det_tokens=5,
+                 patch_size=16)
+  c.detection.canvas = (64, 96)
+  c.detection.max_boxes = 2  # mocked images hold more: they are dropped and counted
+  c.pp_train = c.pp_train.replace("(864, 864)", "(64, 96)").replace("det_pad_boxes(100)",
+                                                                     "det_pad_boxes(2)")
+  for size in ("800", "864", "608", "600", "576", "544", "512", "480", "448", "416", "400",
+               "384", "352", "320", "288", "256"):
+    c.pp_train = c.pp_train.replace(size, "64")
+  c.pp_eval = ("decode|det_objects(drop_crowd=False)|det_resize(64, 96)|value_range(-1, 1)"
+               "|det_pad((64, 96))|det_pad_boxes(2)|keep('image', 'pixel_mask', 'boxes', "
+               "'labels', 'box_mask', 'boxes_dropped', 'image_id', 'orig_size', 'is_crowd')")
+  c.batch_size = c.eval_batch_size = 4
+  c.shuffle_buffer = 8
+  with tfds.testing.mock_data(num_examples=6):
+    setup = trainer.make_setup(c, jax.devices()[:1])
+    state = setup.init_state()
+    with caplog.at_level(std_logging.WARNING):
+      batch = next(iter(setup.task.train_data(0)))
+    assert "beyond max_boxes=2" in caplog.text
+    assert batch["image"].shape == (4, 64, 96, 3) and batch["boxes"].shape == (4, 2, 4)
+    state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
+    assert np.isfinite(float(metrics["loss"]))
+    result = trainer.evaluate(setup, state, split="validation")
+  assert result["images"] == 6 and set(result) >= {"AP", "AP50", "AR100"}
+
+
+def test_a_coco_folder_trains_and_evaluates(tmp_path):
+  ann, images = write_coco(tmp_path)
+  c = tiny("yolos", None, dataset=f"coco:{ann},{images}", num_classes=3, total_steps=2,
+           eval_every=2, train_split="train", eval_split="train")
+  c.model.update(channels=3)
+  for key in ("pp_train", "pp_eval"):
+    setattr(c, key, getattr(c, key).replace("decode|det_objects",
+                                            "decode|det_objects|det_resize(48, 64)"))
+  final = trainer.train_and_evaluate(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
+  assert final["images"] == 3 and final["step"] == 2
+
+
+def test_labels_outside_the_classes_are_refused(scenes_dir):
+  c = tiny("yolos", scenes_dir, num_classes=5)
+  task = tasks.create(c)
+  with pytest.raises(ValueError, match=r"target labels must lie in \[0, 5\)"):
+    next(iter(task.train_data(0)))
+  with pytest.raises(ValueError, match="has 10 classes, the config's num_classes is 5"):
+    task.evaluator()
+
+
+def test_the_objective_has_the_aux_layers_of_detr(scenes_dir):
+  detr = tasks.create(tiny("detr", scenes_dir))
+  assert sorted(detr.objective) == ["loss_bbox", "loss_bbox_0", "loss_ce", "loss_ce_0",
+                                    "loss_giou", "loss_giou_0"]
+  assert sorted(tasks.create(tiny("yolos", scenes_dir)).objective) == [
+      "loss_bbox", "loss_ce", "loss_giou"]
+  model = detr.build_model(nnx.Rngs(0))
+  assert model.config.num_queries == 10

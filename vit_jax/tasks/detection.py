@@ -1,0 +1,152 @@
+"""Object detection with set-prediction models (YOLOS, DETR): the set loss, COCO evaluation.
+
+Batches have fixed shapes, so the step compiles once: ``image`` [B, H, W, C] padded to the
+canvas, ``pixel_mask`` [B, H, W], up to ``detection.max_boxes`` targets per image (``boxes``
+normalised cxcywh relative to the unpadded image, ``labels``, ``box_mask``), and for evaluation
+each image's ``image_id``, ``orig_size`` and ``is_crowd`` (the preprocessing ops of
+vit_jax/data/detection_ops.py make them). The loss is DETR's set criterion
+(vit_jax/detection/set_loss.py) with the auxiliary decoder layers' terms where the model has
+them; evaluation is COCO's (pycocotools), on the host, every image once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from vit_jax import models
+from vit_jax.detection import boxes as box_ops
+from vit_jax.detection import coco_eval
+from vit_jax.detection.postprocess import postprocess
+from vit_jax.detection.set_loss import SetLossConfig, check_labels, objective, set_loss
+from vit_jax.models.patches import image_hw
+from vit_jax.tasks.base import LossTerms, model_kwargs, register
+
+# Batch entries the model and the loss take; the rest (image ids, sizes) serve evaluation.
+TRAIN_KEYS = ("image", "pixel_mask", "boxes", "labels", "box_mask")
+EVAL_KEYS = TRAIN_KEYS + ("image_id", "orig_size", "is_crowd")
+LOSS_OPTIONS = ("class_cost", "bbox_cost", "giou_cost", "ce_loss_coef", "bbox_loss_coef",
+                "giou_loss_coef", "eos_coef", "matcher", "aux_loss")
+
+
+def canvas(config: Any) -> tuple[int, int]:
+  """The padded (height, width) of every batch: ``detection.canvas``, else ``image_size``."""
+  return image_hw(tuple(config.detection.canvas) if config.detection.canvas else config.image_size)
+
+
+def report_dropped(batches: Iterator[dict], max_boxes: int, num_classes: int) -> Iterator[dict]:
+  """Checks each host batch's labels and says (as a warning, with running counts) when images
+  held more boxes than ``max_boxes``; yields the batches without ``boxes_dropped``."""
+  dropped = images = 0
+  for batch in batches:
+    batch = dict(batch)
+    check_labels(batch, num_classes)
+    counts = np.asarray(batch.pop("boxes_dropped", 0))
+    if counts.any():
+      dropped += int(counts.sum())
+      images += int(np.count_nonzero(counts))
+      logging.warning("dropped %d boxes beyond max_boxes=%d in %d images so far; raise "
+                      "detection.max_boxes to keep them", dropped, max_boxes, images)
+    yield batch
+
+
+class Detection:
+  """Set-prediction object detection with any registered detector (YOLOS-*, DETR-*)."""
+
+  def __init__(self, config: Any):
+    self.config = config
+    d = config.detection
+    self.loss_config = SetLossConfig(**{k: d[k] for k in LOSS_OPTIONS})
+    abstract = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(0)))
+    aux_layers = getattr(abstract.config, "decoder_layers", 1) - 1
+    self.objective = objective(self.loss_config, aux_layers)
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    c = self.config
+    return models.create(c.model.name, num_classes=c.num_classes, image_size=canvas(c),
+                         rngs=rngs, **model_kwargs(c))
+
+  def signature(self) -> dict:
+    c = self.config
+    return {"task": "detection", "model": c.model.name, "num_classes": c.num_classes,
+            "canvas": list(canvas(c)), "options": dict(sorted(model_kwargs(c).items()))}
+
+  def _forward(self, model: nnx.Module, batch: dict, train: bool, rng: jax.Array | None = None):
+    rngs = nnx.Rngs(dropout=rng) if rng is not None else None
+    return model(batch["image"], pixel_mask=batch.get("pixel_mask"), train=train, rngs=rngs)
+
+  def loss(self, model: nnx.Module, batch: dict, rng: jax.Array, train: bool) -> LossTerms:
+    outputs = self._forward(model, batch, train, rng)
+    return set_loss(outputs, {k: batch[k] for k in ("labels", "boxes", "box_mask")},
+                    self.loss_config)
+
+  def eval_outputs(self, model: nnx.Module, batch: dict) -> dict:
+    """Detections and ground truth in the original image's pixels, with the image ids."""
+    detections = postprocess(self._forward(model, batch, False), batch["orig_size"])
+    size = batch["orig_size"].astype(jnp.float32)
+    scale = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], axis=-1)[:, None]
+    gt = box_ops.cxcywh_to_xyxy(batch["boxes"].astype(jnp.float32)) * scale
+    return {**detections, "gt_boxes": gt, "gt_labels": batch["labels"],
+            "box_mask": batch["box_mask"], "is_crowd": batch["is_crowd"],
+            "image_id": batch["image_id"], "orig_size": batch["orig_size"],
+            "example_mask": batch["mask"]}
+
+  @functools.cached_property
+  def _classes(self) -> tuple[list[str], list[int] | None]:
+    from vit_jax import data
+    info = data.dataset_info(self.config.dataset, self.config.data_dir)
+    names = info.class_names or [str(i) for i in range(self.config.num_classes)]
+    if len(names) != self.config.num_classes:
+      raise ValueError(f"dataset {self.config.dataset!r} has {len(names)} classes, the config's "
+                       f"num_classes is {self.config.num_classes}")
+    return list(names), getattr(info, "category_ids", None)
+
+  def evaluator(self) -> coco_eval.CocoEvaluator:
+    names, ids = self._classes
+    return coco_eval.CocoEvaluator(names, ids)
+
+  def format_metrics(self, metrics: Mapping[str, Any]) -> str:
+    return (f"AP {metrics['AP']:.4f}, AP50 {metrics['AP50']:.4f}, AP75 {metrics['AP75']:.4f} "
+            f"on {metrics['images']} images")
+
+  def table(self, metrics: Mapping[str, Any]) -> str:
+    """pycocotools' 12-line summary."""
+    return coco_eval.format_table(metrics)
+
+  def input_spec(self, batch_size: int) -> dict:
+    c = self.config
+    h, w = canvas(c)
+    m = c.detection.max_boxes
+    channels = c.model.get("channels") or 3
+    f32 = jnp.float32
+    return {"image": jax.ShapeDtypeStruct((batch_size, h, w, channels), f32),
+            "pixel_mask": jax.ShapeDtypeStruct((batch_size, h, w), f32),
+            "boxes": jax.ShapeDtypeStruct((batch_size, m, 4), f32),
+            "labels": jax.ShapeDtypeStruct((batch_size, m), jnp.int32),
+            "box_mask": jax.ShapeDtypeStruct((batch_size, m), f32)}
+
+  def train_data(self, start_step: int) -> Iterator[dict]:
+    from vit_jax import data
+    c = self.config
+    batches = data.train_batches(dataset=c.dataset, split=c.train_split, pp=c.pp_train,
+                                 batch_size=c.batch_size, seed=c.seed, start_step=start_step,
+                                 data_dir=c.data_dir, shuffle_buffer=c.shuffle_buffer,
+                                 num_shards=c.num_data_shards or None)
+    return report_dropped(batches, c.detection.max_boxes, c.num_classes)
+
+  def eval_data(self, split: str | None = None) -> Iterator[dict]:
+    from vit_jax import data
+    c = self.config
+    batches = data.eval_batches(dataset=c.dataset, split=split or c.eval_split, pp=c.pp_eval,
+                                batch_size=c.eval_batch_size, data_dir=c.data_dir,
+                                num_shards=c.num_data_shards or None)
+    return report_dropped(batches, c.detection.max_boxes, c.num_classes)
+
+
+register("detection", Detection)
