@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -28,7 +29,12 @@ SHRINK = {
     "BiT": dict(layers=(1,), width=8, gn_groups=4),
     "Mixer": dict(hidden_size=16, num_layers=1, tokens_mlp_dim=8, channels_mlp_dim=32),
     "TNT": dict(hidden_size=16, inner_size=8, num_layers=1, num_heads=2, inner_heads=2),
+    "YOLOS": dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, num_det_tokens=4),
+    "DETR": dict(resnet_layers=(1,), resnet_width=8, hidden_size=16, encoder_layers=1,
+                 decoder_layers=2, num_heads=2, mlp_dim=32, num_queries=4),
 }
+# Detection configs: the canvas every batch is padded to, and the sizes images are resized to.
+SMALL_CANVAS = (32, 48)
 MULTI_DEVICE_MESHES = ("fsdp", "tensor_parallel")
 
 
@@ -45,10 +51,31 @@ def image_folder(tmp_path_factory):
   return str(root)
 
 
-def substitute(text: str, folder: str) -> str:
+@pytest.fixture(scope="module")
+def coco_folder(tmp_path_factory):
+  from tests.test_detection_data import write_coco
+  return write_coco(tmp_path_factory.mktemp("coco"))
+
+
+def substitute(text: str, folder: str, coco: tuple[str, str] = ("", "")) -> str:
+  """The docs' example paths replaced by the test's: an image folder, a COCO folder."""
+  text = text.replace("/data/coco_mine/instances.json", coco[0])
+  text = text.replace("/data/coco_mine/images", coco[1])
   for placeholder in ("/path/to/imagefolder", "/path/to/root", "/data/mine"):
     text = text.replace(placeholder, folder)
   return text
+
+
+def shrink_detection(config) -> None:
+  """A small canvas, and the preprocessing's sizes scaled down to fit it."""
+  h, w = SMALL_CANVAS
+  config.detection.canvas = SMALL_CANVAS
+  config.detection.max_boxes = 4  # SHRINK's queries
+  for key in ("pp_train", "pp_eval"):
+    pp = re.sub(r"det_pad\(\([^)]*\)\)", f"det_pad(({h}, {w}))", config[key])
+    pp = re.sub(r"det_pad_boxes\(\d+\)", f"det_pad_boxes({config.detection.max_boxes})", pp)
+    pp = re.sub(r"\b\d{3,4}\b", lambda m: str(max(8, int(m[0]) * h // 1333)), pp)
+    config[key] = pp
 
 
 def parse(spec: str, overrides: tuple[str, ...]):
@@ -67,6 +94,8 @@ def shrink(config, *, batch: int = 8):
     value = config.model[key]
     if value is None or (not isinstance(small, tuple) and value > small):
       config.model[key] = small
+  if config.task == "detection":
+    shrink_detection(config)
   config.batch_size = batch * math.ceil(config.grad_accum_steps / batch)
   config.eval_batch_size = 8
   config.shuffle_buffer = 16
@@ -153,18 +182,18 @@ def sorted_mock_boxes(monkeypatch):
 
 
 @pytest.mark.parametrize("doc", DOCUMENTED, ids=[d.where for d in DOCUMENTED])
-def test_documented_overrides_parse(doc, image_folder):
-  config = parse(substitute(doc.spec, image_folder),
-                 tuple(substitute(o, image_folder) for o in doc.overrides))
+def test_documented_overrides_parse(doc, image_folder, coco_folder):
+  config = parse(substitute(doc.spec, image_folder, coco_folder),
+                 tuple(substitute(o, image_folder, coco_folder) for o in doc.overrides))
   assert config.model.name
 
 
 @pytest.mark.parametrize("spec,overrides,where", RUNS, ids=["+".join(r[2]) for r in RUNS])
-def test_documented_overrides_run_one_step(spec, overrides, where, image_folder, tmp_path,
-                                           sorted_mock_boxes):
+def test_documented_overrides_run_one_step(spec, overrides, where, image_folder, coco_folder,
+                                           tmp_path, sorted_mock_boxes):
   import tensorflow_datasets as tfds
-  spec = substitute(spec, image_folder)
-  overrides = tuple(substitute(o, image_folder) for o in overrides)
+  spec = substitute(spec, image_folder, coco_folder)
+  overrides = tuple(substitute(o, image_folder, coco_folder) for o in overrides)
   config = shrink(parse(spec, overrides))
   provide_pretrained(config, tmp_path)
   with tfds.testing.mock_data(num_examples=8):
@@ -173,6 +202,25 @@ def test_documented_overrides_run_one_step(spec, overrides, where, image_folder,
     batch = next(iter(setup.task.train_data(0)))
     state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+def fake_batch(spec: dict, num_classes: int) -> dict:
+  """A batch of the task's input spec: random images, one class per example for a classifier;
+  for a detector 0 to max_boxes random boxes per image (a per-batch count of valid items)."""
+  rng = np.random.default_rng(0)
+  n = spec["image"].shape[0]
+  batch = {"image": rng.uniform(-1, 1, spec["image"].shape).astype(np.float32)}
+  if "box_mask" in spec:
+    m = spec["box_mask"].shape[1]
+    batch["pixel_mask"] = np.ones(spec["pixel_mask"].shape, np.float32)
+    batch["box_mask"] = (np.arange(m) < rng.integers(0, m + 1, (n, 1))).astype(np.float32)
+    batch["labels"] = rng.integers(0, num_classes, (n, m)).astype(np.int32)
+    centre, size = rng.uniform(0.3, 0.7, (n, m, 2)), rng.uniform(0.1, 0.5, (n, m, 2))
+    batch["boxes"] = np.concatenate([centre, size], -1).astype(np.float32)
+  else:
+    batch["labels"] = np.eye(num_classes, dtype=np.float32)[np.arange(n) % num_classes]
+  assert set(batch) == set(spec)
+  return batch
 
 
 def every_config() -> list[str]:
@@ -194,12 +242,8 @@ def test_accumulation_gives_the_full_batch_update(spec, image_folder, tmp_path):
   shrink(config)
   provide_pretrained(config, tmp_path)
   setup = trainer.make_setup(config, jax.devices()[:1])
-  spec_ = setup.task.input_spec(config.batch_size)
-  rng = np.random.default_rng(0)
-  batch = setup.global_batch({
-      "image": rng.uniform(-1, 1, spec_["image"].shape).astype(np.float32),
-      "labels": np.eye(config.num_classes, dtype=np.float32)[
-          np.arange(config.batch_size) % config.num_classes]})
+  batch = setup.global_batch(fake_batch(setup.task.input_spec(config.batch_size),
+                                        config.num_classes))
   before = jax.device_get(setup.init_state().params)
   updates = []
   for k in (1, 4):

@@ -281,3 +281,20 @@ def test_detection_record_without_id_or_crowd(tmp_path):
   for record in whole + second:
     assert_layout(record)
     assert not record["objects"]["is_crowd"].any()
+
+
+def test_digit_scenes_written_as_a_coco_folder(tmp_path):
+  """`python -m vit_jax.data.digit_scenes --out DIR` writes scenes the COCO-format source reads
+  back exactly (pixels, boxes, labels, the names '0'..'9')."""
+  from vit_jax.data import digit_scenes
+  ann = digit_scenes.write_coco_folder(str(tmp_path), "test", 3, 2)
+  source = sources.open_source(f"coco:{ann},{tmp_path / 'images'}")
+  assert source.info.class_names == list("0123456789")
+  records = read_all(source, "validation")
+  for record, (s, canvas, boxes, labels) in zip(records, digit_scenes.scenes("test", 3, 5)):
+    assert int(record["image/id"]) == s
+    np.testing.assert_array_equal(record["image"][..., 0], canvas)
+    np.testing.assert_allclose(record["objects"]["bbox"], boxes / 64, atol=1e-6)
+    np.testing.assert_array_equal(record["objects"]["label"], labels)
+  with pytest.raises(ValueError, match="1000"):
+    digit_scenes.write_coco_folder(str(tmp_path), "test", 999, 2)

@@ -128,3 +128,55 @@ def test_the_objective_has_the_aux_layers_of_detr(scenes_dir):
       "loss_bbox", "loss_ce", "loss_giou"]
   model = detr.build_model(nnx.Rngs(0))
   assert model.config.num_queries == 10
+
+
+def test_yolos_starts_from_a_vit_classifier(tmp_path):
+  """As YOLOS starts from ImageNet: the encoder from the ViT, its 2x2 position grid resampled
+  to the detector's 4x4, the detection tokens, their positions and the heads new."""
+  from vit_jax import checkpoints, models
+  from vit_jax.checkpoints import readers, yolos_names
+  from vit_jax.models.yolos import resize_positions
+  size = dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, channels=1)
+  vit = models.create("ViT-Ti/8", num_classes=10, image_size=16, rngs=nnx.Rngs(1), **size)
+  path = str(tmp_path / "vit.npz")
+  checkpoints.export_npz(vit, path)
+  yolos = models.create("YOLOS-Ti/8", num_classes=10, image_size=32, rngs=nnx.Rngs(2),
+                        num_det_tokens=3, **size)
+  det_before = np.asarray(yolos.det_tokens[...])
+  pe_before = np.asarray(yolos.Transformer.posembed_input.pos_embedding[...])
+  head_before = np.asarray(yolos.class_head.Dense_0.kernel[...])
+  yolos_names.load_from_classifier(yolos, path)
+  np.testing.assert_array_equal(yolos.embedding.kernel[...], vit.embedding.kernel[...])
+  np.testing.assert_array_equal(yolos.cls[...], vit.cls[...])
+  np.testing.assert_array_equal(yolos.Transformer.blocks[0].MlpBlock_3.Dense_0.kernel[...],
+                                vit.Transformer.blocks[0].MlpBlock_3.Dense_0.kernel[...])
+  np.testing.assert_array_equal(yolos.det_tokens[...], det_before)
+  np.testing.assert_array_equal(yolos.class_head.Dense_0.kernel[...], head_before)
+  vit_pe = np.asarray(vit.Transformer.posembed_input.pos_embedding[...])
+  want = resize_positions(np.concatenate([vit_pe, pe_before[:, -3:]], 1), (2, 2), (4, 4), 3)
+  np.testing.assert_allclose(yolos.Transformer.posembed_input.pos_embedding[...], want, atol=1e-6)
+
+  wide = models.create("YOLOS-Ti/8", num_classes=10, image_size=32, num_det_tokens=3,
+                       **dict(size, hidden_size=32, num_heads=4))
+  with pytest.raises(readers.CheckpointError, match="cannot start this YOLOS"):
+    yolos_names.load_from_classifier(wide, path)
+
+
+def test_a_run_with_a_pretraining_stage(tmp_path, monkeypatch):
+  """``pretrained="train:CONFIG"``: the stage is trained first in WORKDIR/pretrain, once."""
+  from vit_jax.train import stages
+  trained = []
+  config = detection.get_config("yolos_digits")
+  assert config.pretrained == "train:configs/detection.py:yolos_digits_backbone"
+  out = stages.run_stages(config, str(tmp_path), lambda c, w: trained.append((c.task, w)),
+                          trainer.has_checkpoint)
+  assert trained == [("classification", str(tmp_path / "pretrain"))]
+  assert out.pretrained == str(tmp_path / "pretrain")
+  (tmp_path / "again" / "checkpoints" / "10").mkdir(parents=True)
+  config = detection.get_config("yolos_digits")
+  stages.run_stages(config, str(tmp_path / "again"), lambda c, w: trained.append(w),
+                    trainer.has_checkpoint)
+  assert len(trained) == 1 and config.pretrained == str(tmp_path / "again" / "pretrain")
+  config.pretrained = "train:configs/nothing.py"
+  with pytest.raises(ValueError, match="no config file 'configs/nothing.py'"):
+    stages.run_stages(config, str(tmp_path / "new"), lambda c, w: None, trainer.has_checkpoint)

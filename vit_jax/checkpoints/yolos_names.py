@@ -216,3 +216,38 @@ def export_hf(model: YOLOS, folder: str | os.PathLike, *,
 def hf_state_dict(model: YOLOS) -> Arrays:
   """``model``'s parameters in HF's names and layouts (numpy, float32)."""
   return mapping.to_checkpoint_names(HF_RULES, param_tree.model_arrays(model, (BLOCKS,)))
+
+
+def load_from_classifier(model: YOLOS, path: str | os.PathLike) -> YOLOS:
+  """Starts ``model`` as YOLOS starts from ImageNet: the encoder (patch embedding, class token,
+  blocks, final norm) from a ViT classifier checkpoint of any format ``load_pretrained`` reads
+  (released .npz, timm, this trainer's), its position embeddings resampled to the model's grid
+  (PyTorch bicubic); the detection tokens, their positions and the heads keep their
+  initialisation. The ViT must have the model's patch size, width and depth."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+
+  spec, ckpt = loading.infer_model(path)
+  if models.resolve(spec.name)[0].name != "ViT":
+    raise CheckpointError(f"{os.fspath(path)!r} holds a {spec.name}, not a ViT classifier")
+  vit = models.create(spec.name, num_classes=spec.num_classes, image_size=spec.image_size,
+                      **spec.overrides)
+  loading.load_pretrained(vit, ckpt)
+  cfg, vcfg = model.config, vit.config
+  mine = {k: getattr(cfg, k) for k in ("patch_size", "hidden_size", "num_layers", "channels")}
+  theirs = {k: getattr(vcfg, k) for k in mine}
+  if mine != theirs or vcfg.classifier != "token":
+    raise CheckpointError(f"the ViT in {os.fspath(path)!r} ({theirs}, classifier "
+                          f"{vcfg.classifier!r}) cannot start this YOLOS ({mine}): they must agree, "
+                          "and the ViT must have a class token")
+  flat = param_tree.model_arrays(vit, ("Transformer/blocks",))
+  own = param_tree.model_arrays(model, (BLOCKS,))
+  side = vcfg.image_size // vcfg.patch_size
+  det_rows = own[POSEMB][:, own[POSEMB].shape[1] - cfg.num_det_tokens:]
+  stacked = np.concatenate([flat.pop(POSEMB), det_rows], axis=1)
+  taken = {POSEMB: resize_positions(stacked, (side, side), cfg.grid, cfg.num_det_tokens)}
+  taken.update({n: v for n, v in flat.items() if not n.startswith(("head/", "pre_logits/"))})
+  wrong = [n for n, v in taken.items() if n not in own or own[n].shape != v.shape]
+  if wrong:
+    raise CheckpointError(f"the ViT's {wrong[:5]} have no same-shaped place in this YOLOS")
+  param_tree.assign(model, {**own, **taken}, (BLOCKS,))
+  return model

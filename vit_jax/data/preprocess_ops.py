@@ -298,6 +298,32 @@ def pad(pixels: Any, key: str = "image") -> Op:
   return _image_op(key, "pad", lambda tf, image, rng: tf.pad(image, [[ph, ph], [pw, pw], [0, 0]]))
 
 
+@register("place_randomly")
+def place_randomly(canvas: Any, min_size: int, max_size: int, method: str = "bilinear",
+                   key: str = "image") -> Op:
+  """Resizes the image to a random square side in [min_size, max_size] (uniform) and pastes it
+  at a uniformly random position on a zero canvas of ``canvas`` (int or (height, width)): a
+  digit somewhere in a scene, for pre-training a detector's backbone."""
+  h, w = _size_hw(canvas, "place_randomly")
+  _check_method(method, "place_randomly")
+  if not (isinstance(min_size, int) and isinstance(max_size, int)
+          and 0 < min_size <= max_size <= min(h, w)):
+    raise ValueError(f"place_randomly: need 0 < min_size <= max_size <= the canvas side "
+                     f"{min(h, w)}, got {min_size}, {max_size}")
+
+  def fn(tf, image, rng):
+    keys = tf.random.experimental.stateless_split(rng, 3)
+    side = tf.random.stateless_uniform([], keys[0], min_size, max_size + 1, tf.int32)
+    top = tf.random.stateless_uniform([], keys[1], 0, h - side + 1, tf.int32)
+    left = tf.random.stateless_uniform([], keys[2], 0, w - side + 1, tf.int32)
+    small = _resize(tf, image, tf.stack([side, side]), method, antialias=False)
+    out = tf.pad(small, [[top, h - side - top], [left, w - side - left], [0, 0]])
+    out.set_shape([h, w, image.shape[-1]])
+    return out
+
+  return _image_op(key, "place_randomly", fn)
+
+
 @register("flip_lr")
 def flip_lr(key: str = "image") -> Op:
   """Flips left-right with probability 1/2."""

@@ -106,7 +106,7 @@ class CocoEvaluator:
   def results_json(self) -> list[dict]:
     """The detections in COCO results format (``image_id``, ``category_id``, ``bbox`` xywh,
     ``score``)."""
-    return list(self.detections)
+    return [dict(d, bbox=list(d["bbox"])) for d in self.detections]
 
   def ground_truth(self) -> dict:
     """The ground truth as a COCO dataset dict."""
@@ -126,7 +126,7 @@ class CocoEvaluator:
       gt.dataset = self.ground_truth()
       gt.createIndex()
       if self.detections:
-        dt = gt.loadRes(self.results_json())
+        dt = gt.loadRes(self.results_json())  # a copy: loadRes adds keys to the dicts
         coco_eval = COCOeval(gt, dt, iouType="bbox")
         coco_eval.evaluate()
         coco_eval.accumulate()

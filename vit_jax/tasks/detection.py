@@ -66,6 +66,10 @@ class Detection:
     abstract = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(0)))
     aux_layers = getattr(abstract.config, "decoder_layers", 1) - 1
     self.objective = objective(self.loss_config, aux_layers)
+    queries = getattr(abstract.config, "num_queries", None) or abstract.config.num_det_tokens
+    if d.max_boxes > queries:
+      raise ValueError(f"detection.max_boxes {d.max_boxes} exceeds the model's {queries} "
+                       f"queries: each target box needs a query of its own")
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     c = self.config
@@ -76,6 +80,27 @@ class Detection:
     c = self.config
     return {"task": "detection", "model": c.model.name, "num_classes": c.num_classes,
             "canvas": list(canvas(c)), "options": dict(sorted(model_kwargs(c).items()))}
+
+  def load_pretrained(self, model: nnx.Module, path: str, *, format: str = "auto",  # pylint: disable=redefined-builtin
+                      resample_posemb: str = "zoom", load=(".*",), init=()) -> None:
+    """``config.pretrained`` into the detector: a YOLOS from a YOLOS checkpoint of any grid or
+    from a ViT classifier (``yolos_names.load_from_classifier``), a DETR from a DETR checkpoint
+    (``checkpoints.load_pretrained``)."""
+    from vit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+    from vit_jax.checkpoints import yolos_names  # pylint: disable=g-import-not-at-top
+    del resample_posemb  # YOLOS resamples with PyTorch's bicubic, as the original does
+    if not isinstance(model, yolos_names.YOLOS):
+      checkpoints.load_pretrained(model, path, format=format, load=load, init=init)
+      return
+    try:
+      spec, _ = checkpoints.infer_model(path)
+      classifier = models.resolve(spec.name)[0].name == "ViT"
+    except (checkpoints.CheckpointError, ValueError):
+      classifier = False
+    if classifier:
+      yolos_names.load_from_classifier(model, path)
+    else:
+      yolos_names.load_yolos(model, path, format=format, load=load, init=init)
 
   def _forward(self, model: nnx.Module, batch: dict, train: bool, rng: jax.Array | None = None):
     rngs = nnx.Rngs(dropout=rng) if rng is not None else None

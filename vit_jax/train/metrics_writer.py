@@ -12,6 +12,10 @@ import time
 
 import jax
 
+# Records' ``wall_s`` counts from here (the process's start, near enough): a command that trains
+# a pre-training stage first reports its second stage's times from the command's start.
+PROCESS_START = time.time()
+
 
 class MetricsWriter:
   def __init__(self, workdir: str, *, total_steps: int, batch_size: int):
@@ -25,13 +29,14 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
       self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
-    self._t0 = time.time()
+    self._t0 = PROCESS_START
     self._last = (None, None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+    record = {"step": step, "wall_s": round(time.time() - self._t0, 1), **metrics}
+    self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     for k, v in metrics.items():
       if isinstance(v, (int, float)):

@@ -74,7 +74,10 @@ class Setup:
   def _init_pretrained(self) -> TrainState:
     from vit_jax import checkpoints
     model = self.task.build_model(nnx.Rngs(self.config.seed))
-    checkpoints.load_pretrained(model, self.config.pretrained, **dict(self.config.pretrained_options))
+    options = dict(self.config.pretrained_options)
+    # A task may know more ways in (a detector started from a classifier).
+    load = getattr(self.task, "load_pretrained", None) or checkpoints.load_pretrained
+    load(model, self.config.pretrained, **options)
     _, params, model_state = split_model(model)
     params = jax.device_put(params, self.shardings.params)
     model_state = jax.device_put(model_state, self.shardings.model_state)
@@ -157,6 +160,12 @@ def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
 def _meta(setup: Setup, step: int) -> dict:
   return {"signature": setup.task.signature(), "step": step, "dataset": setup.config.dataset,
           "examples_seen": step * setup.config.batch_size}
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``workdir`` holds a checkpoint of a run (it has started)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
 
 def restore_or_init(setup: Setup, ckpt: checkpointing.Checkpointer) -> TrainState:

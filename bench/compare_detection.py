@@ -1,0 +1,287 @@
+"""Our YOLOS and DETR training steps against transformers' on the same scenes, weights and recipe.
+
+  .venv/bin/python bench/compare_detection.py --rounds 3 --json results/compare_detection.json
+
+The models are ``configs/detection.py:yolos_digits`` and ``detr_digits`` (YOLOS: 4 layers, width
+192, patch 8, 20 det tokens; DETR: a 2-stage ResNet of width 16, 2 + 2 layers of width 128, 20
+queries), batch 32 of the embedded digit scenes. The driver builds each model as the trainer
+initialises it, writes it as an HF folder (``export_hf``) and writes one training batch from the
+config's own pipeline; every measurement then runs in a fresh process, pinned to the same
+``--threads`` cores with the same allocator, the frameworks alternating first. One step is the
+whole update: forward, the set loss with its Hungarian matching, backward, gradient clipping at
+0.1 and AdamW. Ours is the trainer's jitted step (``trainer.make_setup``); HF's is
+``model(pixel_values, [pixel_mask,] labels=...)``, ``loss.backward()``,
+``clip_grad_norm_`` and ``torch.optim.AdamW.step``.
+
+Like with like: HF's DETR freezes every parameter of an HF (non-timm) ResNet backbone (its
+freezing test looks for timm's stage names), so the worker makes them trainable again, as ours
+are; its batch norms are frozen in both. HF's DETR runs with ``auxiliary_loss=True`` (ours has
+the auxiliary losses; HF writes the decoder's final norm into the residual stream after every
+layer where the original and ours apply it to a copy: the same cost). Both start from the same
+weights (HF's YOLOS would otherwise start its tokens and position embeddings at zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import harness  # noqa: E402  (bench/, beside this script)
+
+MODELS = {"yolos": "yolos_digits", "detr": "detr_digits"}
+FRAMEWORKS = ("jax", "hf")
+RESULT_PREFIX = "RESULT "
+
+
+def detection_config(model: str, batch_size: int):
+  """The experiment config of ``model`` (yolos | detr), from scratch (no pre-training stage)."""
+  from configs import detection
+
+  c = detection.get_config(MODELS[model])
+  c.pretrained = None
+  c.batch_size = batch_size
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver-side preparation: the weights as an HF folder, one batch as .npz.
+
+
+def prepare(model: str, batch_size: int, folder: str) -> dict:
+  """Writes ``folder``/hf (the initial weights, HF layout) and ``folder``/batch.npz."""
+  import numpy as np
+  from flax import nnx
+
+  from vit_jax import tasks
+  from vit_jax.checkpoints import detr_names, yolos_names
+
+  config = detection_config(model, batch_size)
+  task = tasks.create(config)
+  net = task.build_model(nnx.Rngs(config.seed))
+  export = yolos_names.export_hf if model == "yolos" else detr_names.export_hf
+  export(net, os.path.join(folder, "hf"))
+  batch = next(iter(task.train_data(0)))
+  np.savez(os.path.join(folder, "batch.npz"), **{k: np.asarray(v) for k, v in batch.items()})
+  return {"boxes_per_image": float(np.asarray(batch["box_mask"]).sum(1).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one measurement in a fresh process.
+
+
+def _pin_threads(threads: int) -> None:
+  cores = sorted(os.sched_getaffinity(0))
+  if threads > len(cores):
+    raise ValueError(f"--threads {threads} exceeds the {len(cores)} cores available")
+  os.sched_setaffinity(0, cores[:threads])
+
+
+def jax_step(model: str, batch: dict):
+  """The trainer's own jitted step on ``batch``; returns (run one step, compile seconds)."""
+  import jax
+
+  from vit_jax.train import trainer
+
+  config = detection_config(model, len(batch["image"]))
+  setup = trainer.make_setup(config)
+  state = setup.init_state()
+  batch = setup.global_batch({k: v for k, v in batch.items() if k in setup.task.input_spec(1)})
+  t = time.perf_counter()
+  compiled = setup.jit_train_step().lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def run() -> None:
+    holder[0], metrics = compiled(holder[0], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  return run, compile_s
+
+
+def hf_model(model: str, folder: str):
+  """transformers' model from the HF folder, with like-with-like settings (module docstring)."""
+  import torch
+  from transformers import DetrForObjectDetection, YolosForObjectDetection
+
+  if model == "yolos":
+    return YolosForObjectDetection.from_pretrained(folder)
+  net = DetrForObjectDetection.from_pretrained(folder, auxiliary_loss=True)
+  for p in net.parameters():
+    p.requires_grad_(True)
+  assert all(p.requires_grad for p in net.parameters())
+  del torch
+  return net
+
+
+def hf_optimizer(net, lr: float, weight_decay: float):
+  """AdamW with decay on weight matrices only (as the trainer's default)."""
+  import torch
+
+  decay = [p for p in net.parameters() if p.ndim > 1]
+  rest = [p for p in net.parameters() if p.ndim <= 1]
+  return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                            {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+def hf_labels(batch: dict) -> list[dict]:
+  import torch
+
+  out = []
+  for boxes, labels, mask in zip(batch["boxes"], batch["labels"], batch["box_mask"]):
+    keep = mask > 0
+    out.append({"class_labels": torch.from_numpy(labels[keep].astype("int64")),
+                "boxes": torch.from_numpy(boxes[keep].astype("float32"))})
+  return out
+
+
+def hf_step(model: str, folder: str, batch: dict, clip: float = 0.1):
+  """One HF update on ``batch``; returns (run one step, seconds to build and run the first)."""
+  import torch
+
+  t = time.perf_counter()
+  net = hf_model(model, os.path.join(folder, "hf")).train()
+  config = detection_config(model, len(batch["image"]))
+  opt = hf_optimizer(net, config.lr, config.optimizer.weight_decay)
+  pixels = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy())
+  kwargs = {"pixel_mask": torch.from_numpy(batch["pixel_mask"].astype("int64"))} if model == "detr" else {}
+  labels = hf_labels(batch)
+
+  def run() -> None:
+    opt.zero_grad(set_to_none=True)
+    loss = net(pixel_values=pixels, labels=labels, **kwargs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    opt.step()
+
+  run()
+  return run, time.perf_counter() - t
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+  _pin_threads(args.threads)
+  preset = harness.apply_preset(args.preset)
+  import numpy as np
+
+  batch = dict(np.load(os.path.join(args.folder, "batch.npz")))
+  if args.worker == "jax":
+    run, setup_s = jax_step(args.model, batch)
+  else:
+    import torch
+
+    from tests.timm_helpers import import_timm  # makes the installed torchvision loadable
+
+    import_timm()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    run, setup_s = hf_step(args.model, args.folder, batch)
+  times = harness.time_calls(run, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
+  size = len(batch["image"])
+  return {"worker": args.worker, "model": args.model, "batch": size, "setup_s": setup_s,
+          "times_s": times, "img_per_s": size / statistics.median(times), "threads": args.threads,
+          "preset": preset, "versions": harness.environment()["versions"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: alternating rounds of fresh workers.
+
+
+def spawn_worker(args: argparse.Namespace, framework: str, model: str, folder: str) -> tuple[dict, dict]:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--model", model,
+         "--folder", folder, "--threads", str(args.threads), "--iters", str(args.iters),
+         "--min-seconds", str(args.min_seconds), "--warmup", str(args.warmup), "--preset", args.preset]
+  env = harness.worker_env(args.allocator)
+  env["PYTHONPATH"] = ROOT  # the HF worker imports tests.timm_helpers
+  with harness.LoadMonitor() as load:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+  result = None
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_PREFIX):
+      result = json.loads(line[len(RESULT_PREFIX):])
+  if proc.returncode != 0 or result is None:
+    raise RuntimeError(f"worker {framework} {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+  return result, load.report()
+
+
+def run_driver(args: argparse.Namespace) -> dict:
+  models = [m.strip() for m in args.models.split(",") if m.strip()]
+  unknown = [m for m in models if m not in MODELS]
+  if unknown:
+    raise ValueError(f"--models {unknown} not among {sorted(MODELS)}")
+  harness.allocator_env(args.allocator)
+  samples = {(m, f): [] for m in models for f in FRAMEWORKS}
+  rounds_log = []
+  with tempfile.TemporaryDirectory() as tmp:
+    folders = {}
+    for m in models:
+      folders[m] = os.path.join(tmp, m)
+      os.makedirs(folders[m])
+      facts = prepare(m, args.batch, folders[m])
+      print(f"{m}: batch {args.batch}, {facts['boxes_per_image']:.2f} boxes per image", flush=True)
+    with harness.LoadMonitor(probe_s=harness.IDLE_PROBE_S) as total:
+      for r in range(args.rounds):
+        for m in models:
+          order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]
+          for f in order:
+            result, load = spawn_worker(args, f, m, folders[m])
+            samples[(m, f)].append(result["img_per_s"])
+            rounds_log.append({"round": r, "model": m, "framework": f, "img_per_s": result["img_per_s"],
+                               "setup_s": result["setup_s"], "load": load,
+                               "versions": result["versions"]})
+            print(f"round {r} {m:6s} {f:4s} {result['img_per_s']:8.2f} img/s  "
+                  f"(load {load['loadavg_before'][0]:.2f}->{load['loadavg_after'][0]:.2f}, "
+                  f"foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%, "
+                  f"stolen {100 * load['steal_fraction']:.0f}%)", flush=True)
+  rows = []
+  for m in models:
+    hf = samples[(m, "hf")]
+    for f in FRAMEWORKS:
+      s = harness.summarize(samples[(m, f)])
+      paired = [a / b for a, b in zip(samples[(m, f)], hf)]
+      rows.append({"model": m, "framework": f, "img_per_s": s["median"], "min": s["min"],
+                   "max": s["max"], "ratio_vs_hf": s["median"] / statistics.median(hf),
+                   "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)})
+  print(f"\n{args.rounds} rounds, {args.threads} threads, fp32, batch {args.batch}; train-step img/s "
+        f"medians over rounds, ratio = median / HF's median")
+  print(harness.format_table(rows, ["model", "framework", "img_per_s", "min", "max", "ratio_vs_hf",
+                                    "paired_ratio_min", "paired_ratio_max"]))
+  return harness.finish_runs("compare_detection", args, total, rounds_log, results=rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--models", default="yolos,detr", help="comma-separated, from yolos, detr")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  p.add_argument("--iters", type=int, default=10, help="timed steps per process (at least)")
+  p.add_argument("--min-seconds", type=float, default=5.0)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS))
+  p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS)
+  p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+  p.add_argument("--model", choices=sorted(MODELS), help=argparse.SUPPRESS)
+  p.add_argument("--folder", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse_args(argv)
+  if args.worker:
+    result = run_worker(args)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return result
+  return run_driver(args)
+
+
+if __name__ == "__main__":
+  main()
