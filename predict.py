@@ -145,7 +145,9 @@ def detect(args: argparse.Namespace, spec, ckpt) -> list[dict]:
   """predict.py for detectors (see the module docstring)."""
   import jax.numpy as jnp
   from vit_jax import checkpoints, models
-  from vit_jax.detection import draw, postprocess
+  import importlib
+  from vit_jax.detection import draw
+  postprocess = importlib.import_module("vit_jax.detection.postprocess")
   if args.canvas:
     try:
       canvas = tuple(int(v) for v in args.canvas.split(","))
