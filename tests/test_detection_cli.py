@@ -21,7 +21,9 @@ CONFIG = os.path.join(ROOT, "configs/detection.py") + ":yolos_digits"
 
 
 def tiny(data_dir):
-  return ["--config.model.hidden_size=32", "--config.model.num_layers=1",
+  """yolos_digits shrunk, from scratch: its pre-training stage (a full-size ViT) is switched off
+  (test_detection_task.py runs a staged run)."""
+  return ["--config.pretrained=", "--config.model.hidden_size=32", "--config.model.num_layers=1",
           "--config.model.num_heads=2", "--config.model.mlp_dim=64",
           "--config.model.num_det_tokens=8", "--config.batch_size=8",
           "--config.eval_batch_size=8", f"--config.total_steps={STEPS}",
