@@ -38,12 +38,10 @@ def main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --dry_run)")
-  from vit_jax.train import distributed, stages, trainer
+  from vit_jax.train import distributed, trainer
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = stages.run_stages(_CONFIG.value, _WORKDIR.value, trainer.train_and_evaluate,
-                               trainer.has_checkpoint)
-    final = trainer.train_and_evaluate(config, _WORKDIR.value)
+    final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, trainer.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -24,10 +24,8 @@ weights (HF's YOLOS would otherwise start its tokens and position embeddings at 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,6 @@ import harness  # noqa: E402  (bench/, beside this script)
 
 MODELS = {"yolos": "yolos_digits", "detr": "detr_digits"}
 FRAMEWORKS = ("jax", "hf")
-RESULT_PREFIX = "RESULT "
 
 
 def detection_config(model: str, batch_size: int):
@@ -78,47 +75,15 @@ def prepare(model: str, batch_size: int, folder: str) -> dict:
 # Workers: one measurement in a fresh process.
 
 
-def _pin_threads(threads: int) -> None:
-  cores = sorted(os.sched_getaffinity(0))
-  if threads > len(cores):
-    raise ValueError(f"--threads {threads} exceeds the {len(cores)} cores available")
-  os.sched_setaffinity(0, cores[:threads])
-
-
-def jax_step(model: str, batch: dict):
-  """The trainer's own jitted step on ``batch``; returns (run one step, compile seconds)."""
-  import jax
-
-  from vit_jax.train import trainer
-
-  config = detection_config(model, len(batch["image"]))
-  setup = trainer.make_setup(config)
-  state = setup.init_state()
-  batch = setup.global_batch({k: v for k, v in batch.items() if k in setup.task.input_spec(1)})
-  t = time.perf_counter()
-  compiled = setup.jit_train_step().lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def run() -> None:
-    holder[0], metrics = compiled(holder[0], batch)
-    jax.block_until_ready(metrics["loss"])
-
-  return run, compile_s
-
-
 def hf_model(model: str, folder: str):
   """transformers' model from the HF folder, with like-with-like settings (module docstring)."""
-  import torch
   from transformers import DetrForObjectDetection, YolosForObjectDetection
 
   if model == "yolos":
     return YolosForObjectDetection.from_pretrained(folder)
   net = DetrForObjectDetection.from_pretrained(folder, auxiliary_loss=True)
   for p in net.parameters():
-    p.requires_grad_(True)
-  assert all(p.requires_grad for p in net.parameters())
-  del torch
+    p.requires_grad_(True)  # HF froze the whole (non-timm) ResNet
   return net
 
 
@@ -167,13 +132,16 @@ def hf_step(model: str, folder: str, batch: dict, clip: float = 0.1):
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-  _pin_threads(args.threads)
+  harness.pin_cores(args.threads)
   preset = harness.apply_preset(args.preset)
   import numpy as np
 
   batch = dict(np.load(os.path.join(args.folder, "batch.npz")))
   if args.worker == "jax":
-    run, setup_s = jax_step(args.model, batch)
+    import workloads
+
+    run, info = workloads.jax_train_step(detection_config(args.model, len(batch["image"])), batch)
+    setup_s = info["compile_s"]
   else:
     import torch
 
@@ -201,13 +169,7 @@ def spawn_worker(args: argparse.Namespace, framework: str, model: str, folder: s
   env = harness.worker_env(args.allocator)
   env["PYTHONPATH"] = ROOT  # the HF worker imports tests.timm_helpers
   with harness.LoadMonitor() as load:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-  result = None
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_PREFIX):
-      result = json.loads(line[len(RESULT_PREFIX):])
-  if proc.returncode != 0 or result is None:
-    raise RuntimeError(f"worker {framework} {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = harness.run_worker_process(cmd, f"{framework} {model}", cwd=ROOT, env=env)
   return result, load.report()
 
 
@@ -278,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.worker:
     result = run_worker(args)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    harness.print_result(result)
     return result
   return run_driver(args)
 

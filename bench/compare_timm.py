@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -30,7 +29,6 @@ import harness  # noqa: E402  (bench/, beside this script)
 
 DEFAULT_WORKLOADS = "fwd:ViT-Ti/16:8,fwd:ViT-B/16:8,train:ViT-Ti/16:32"
 FRAMEWORKS = ("jax", "timm", "timm_compile")
-RESULT_PREFIX = "RESULT "
 
 
 def parse_workload(text: str) -> tuple[str, str, int]:
@@ -43,13 +41,6 @@ def parse_workload(text: str) -> tuple[str, str, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Workers: one measurement in a fresh process.
-
-
-def _pin_threads(threads: int) -> None:
-  cores = sorted(os.sched_getaffinity(0))
-  if threads > len(cores):
-    raise ValueError(f"--threads {threads} exceeds the {len(cores)} cores available")
-  os.sched_setaffinity(0, cores[:threads])
 
 
 def timm_vit_kwargs(model: str, image_size: int, num_classes: int, options: dict) -> dict:
@@ -85,7 +76,7 @@ def _import_timm():
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-  _pin_threads(args.threads)
+  harness.pin_cores(args.threads)
   preset = harness.apply_preset(args.preset)
   mode, model, batch = parse_workload(args.workload)
   options = json.loads(args.options_json)
@@ -156,14 +147,7 @@ def spawn_worker(args: argparse.Namespace, framework: str, workload: str) -> tup
     cmd += ["--timm-kwargs-json", json.dumps(kw)]
   env = harness.worker_env(args.allocator)  # the same for both frameworks
   with harness.LoadMonitor() as load:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-  result = None
-  for line in proc.stdout.splitlines():
-    if line.startswith(RESULT_PREFIX):
-      result = json.loads(line[len(RESULT_PREFIX):])
-  if proc.returncode != 0 or result is None:
-    raise RuntimeError(f"worker {framework} {workload} failed (exit {proc.returncode}):\n"
-                       f"{proc.stderr[-3000:]}")
+    result = harness.run_worker_process(cmd, f"{framework} {workload}", cwd=ROOT, env=env)
   return result, load.report()
 
 
@@ -257,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.worker:
     result = run_worker(args)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    harness.print_result(result)
     return result
   return run_driver(args)
 

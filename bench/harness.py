@@ -349,3 +349,33 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements in fresh processes: the script re-runs itself as a worker, which prints one
+# result line the driver reads back.
+
+RESULT_PREFIX = "RESULT "
+
+
+def pin_cores(count: int) -> None:
+  """Restricts this process to its first ``count`` allowed cores."""
+  cores = sorted(os.sched_getaffinity(0))
+  if count > len(cores):
+    raise ValueError(f"{count} cores asked for, {len(cores)} available")
+  os.sched_setaffinity(0, cores[:count])
+
+
+def print_result(result: dict[str, Any]) -> None:
+  """A worker's result, as the line ``run_worker_process`` reads."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_worker_process(cmd: Sequence[str], what: str, **kwargs: Any) -> dict[str, Any]:
+  """Runs worker ``cmd`` (``subprocess.run`` keyword arguments in ``kwargs``) and returns the
+  result it printed; a failure raises with the worker's stderr (``what`` names the worker)."""
+  proc = subprocess.run(list(cmd), capture_output=True, text=True, **kwargs)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"worker {what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+  return json.loads(lines[-1][len(RESULT_PREFIX):])

@@ -12,9 +12,7 @@ by the img/s per core here to get the cores needed to feed it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import harness  # noqa: E402  (bench/, beside this script)
 
-RESULT_PREFIX = "RESULT "
 PP = ("decode|inception_crop({size})|flip_lr|value_range(-1, 1)|onehot({classes})"
       "|keep('image', 'labels')")
 
@@ -51,10 +48,7 @@ def write_jpegs(root: str, *, num_images: int, width: int, height: int, num_clas
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-  cores = sorted(os.sched_getaffinity(0))
-  if args.worker_cores > len(cores):
-    raise ValueError(f"{args.worker_cores} cores asked for, {len(cores)} available")
-  os.sched_setaffinity(0, cores[:args.worker_cores])
+  harness.pin_cores(args.worker_cores)
   from vit_jax import data
 
   pp = PP.format(size=args.image_size, classes=args.num_classes)
@@ -86,12 +80,7 @@ def run_driver(args: argparse.Namespace) -> dict:
                "--image-size", str(args.image_size), "--batch", str(args.batch),
                "--batches", str(args.batches), "--warmup", str(args.warmup),
                "--num-classes", str(args.num_classes), "--num-images", str(args.num_images)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
-        if proc.returncode != 0 or not lines:
-          raise RuntimeError(f"worker with {cores} cores failed (exit {proc.returncode}):\n"
-                             f"{proc.stderr[-3000:]}")
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
+        result = harness.run_worker_process(cmd, f"with {cores} cores", cwd=ROOT)
         runs.append(result)
         rows.append({"cores": cores, "img_per_s": result["img_per_s"],
                      "img_per_s_per_core": result["img_per_s"] / cores})
@@ -128,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   if args.worker_cores:
     result = run_worker(args)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    harness.print_result(result)
     return result
   return run_driver(args)
 

@@ -74,18 +74,22 @@ def trainer_config(name: str, *, batch_size: int, image_size: int = 224, num_cla
   return c
 
 
-def jax_train_step(config: Any) -> tuple[Callable[[], Any], dict[str, Any]]:
-  """The trainer's own jitted step (``trainer.make_setup``), on one synthetic batch already placed
-  on the devices; returns a callable running one step to completion, and build facts."""
+def jax_train_step(config: Any, batch: dict[str, np.ndarray] | None = None
+                   ) -> tuple[Callable[[], Any], dict[str, Any]]:
+  """The trainer's own jitted step (``trainer.make_setup``) on one batch already placed on the
+  devices: ``batch`` (the task's keys are kept), or a synthetic classification batch; returns a
+  callable running one step to completion, and build facts."""
   from vit_jax.train import trainer
 
   setup = trainer.make_setup(config)
   state = setup.init_state()
-  rng = np.random.default_rng(0)
-  channels = config.model.channels or 3
-  labels = np.eye(config.num_classes, dtype=np.float32)[rng.integers(0, config.num_classes, config.batch_size)]
-  batch = setup.global_batch({"image": random_images(config.batch_size, config.image_size, channels),
-                              "labels": labels})
+  if batch is None:
+    rng = np.random.default_rng(0)
+    channels = config.model.channels or 3
+    labels = np.eye(config.num_classes, dtype=np.float32)[rng.integers(0, config.num_classes, config.batch_size)]
+    batch = {"image": random_images(config.batch_size, config.image_size, channels), "labels": labels}
+  keys = setup.task.input_spec(1)
+  batch = setup.global_batch({k: v for k, v in batch.items() if k in keys})
   t = time.perf_counter()
   compiled = setup.jit_train_step().lower(state, batch).compile()
   compile_s = time.perf_counter() - t

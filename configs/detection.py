@@ -18,7 +18,7 @@ Reaches: on the embedded digit scenes' 1,000 test scenes (vit_jax/data/digit_sce
          and 42.0 AP (DETR-R50) are the papers' figures, not reproduced here (there is no COCO on
          the machines this project is developed on).
 Your own data (COCO-format annotations and their images; K classes) and a checkpoint to start from
-(a released YOLOS or DETR checkpoint: an HF folder or the original .pth; or a ViT / DeiT
+(a released YOLOS or DETR checkpoint: an HF folder or the original .pth; or a ViT
 classifier for YOLOS, whose det tokens and heads then start new):
          python train.py --config configs/detection.py:yolos_digits --workdir workdirs/mine \
            --config.dataset=coco:/data/coco_mine/instances.json,/data/coco_mine/images \

@@ -45,6 +45,19 @@ def last_logged_step(workdir):
   return max(steps, default=0)
 
 
+def kill_after_step(cmd, workdir, step):
+  """Starts ``cmd`` and SIGKILLs it once its metrics log reaches ``step`` (or it ends); returns
+  the last step it logged."""
+  proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while last_logged_step(workdir) < step and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return last_logged_step(workdir)
+
+
 def test_sigkill_and_restart_ends_bit_equal(tmp_path):
   reference = run(train_cmd(tmp_path / "ref"))
   assert reference.returncode == 0, reference.stderr[-2000:]
@@ -53,14 +66,7 @@ def test_sigkill_and_restart_ends_bit_equal(tmp_path):
   # SIGKILL at a random step, then SIGTERM (preemption) in the resumed run, then resume to the end.
   kill_at = random.Random(time.time_ns()).randint(8, 22)  # past a checkpoint, before the end
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(train_cmd(workdir), env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while last_logged_step(workdir) < kill_at and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = last_logged_step(workdir)
+  killed_at = kill_after_step(train_cmd(workdir), workdir, kill_at)
   assert killed_at < 40, f"the run finished before the kill at step {kill_at}"
 
   # The resumed run gets SIGTERM past the step the killed one reached: it checkpoints the step it

@@ -4,8 +4,6 @@ evaluate.py prints COCO's table and writes the detections, predict.py draws the 
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.checkpoint_reading import read_state
-from tests.test_cli import ROOT, env, last_logged_step, run
+from tests.test_cli import ROOT, kill_after_step, run
 from vit_jax.data import digit_scenes
 
 STEPS = 16
@@ -55,14 +53,7 @@ def test_detection_killed_and_restarted_ends_bit_equal(tmp_path, data_dir):
 
   kill_at = random.Random(time.time_ns()).randint(5, 13)
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(train_cmd(workdir, data_dir), env=env(), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while last_logged_step(workdir) < kill_at and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = last_logged_step(workdir)
+  killed_at = kill_after_step(train_cmd(workdir, data_dir), workdir, kill_at)
   assert killed_at < STEPS, f"the run finished before the kill at step {kill_at}"
   resumed = run(train_cmd(workdir, data_dir))
   assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -23,7 +23,8 @@ from typing import Collection, Mapping, Sequence
 import numpy as np
 
 from vit_jax.checkpoints import hf_export, loading, mapping, param_tree, readers
-from vit_jax.checkpoints.mapping import Arrays, Family, Format, Rule, register_family, register_format, rename
+from vit_jax.checkpoints.mapping import (Arrays, Family, Format, ModelSpec, Rule, register_family,
+                                         register_format, rename)
 from vit_jax.checkpoints.readers import CheckpointError
 from vit_jax.checkpoints.timm_names import bias, conv, linear, split_bias, split_linear
 from vit_jax.checkpoints.torch_layouts import dense, dense_both_ways, norm, to_torch_conv
@@ -218,17 +219,33 @@ def hf_state_dict(model: YOLOS) -> Arrays:
   return mapping.to_checkpoint_names(HF_RULES, param_tree.model_arrays(model, (BLOCKS,)))
 
 
-def load_from_classifier(model: YOLOS, path: str | os.PathLike) -> YOLOS:
+def read_classifier(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint] | None:
+  """The ViT classifier ``path`` holds (its model and the read checkpoint), or None when it
+  holds anything else (a YOLOS, a file no family recognises)."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+
+  try:
+    spec, ckpt = loading.infer_model(path)
+  except (CheckpointError, ValueError):
+    return None
+  return (spec, ckpt) if models.resolve(spec.name)[0].name == "ViT" else None
+
+
+def load_from_classifier(model: YOLOS, path: str | os.PathLike,
+                         classifier: tuple[ModelSpec, readers.Checkpoint] | None = None
+                         ) -> YOLOS:
   """Starts ``model`` as YOLOS starts from ImageNet: the encoder (patch embedding, class token,
   blocks, final norm) from a ViT classifier checkpoint of any format ``load_pretrained`` reads
   (released .npz, timm, this trainer's), its position embeddings resampled to the model's grid
   (PyTorch bicubic); the detection tokens, their positions and the heads keep their
-  initialisation. The ViT must have the model's patch size, width and depth."""
+  initialisation. The ViT must have the model's patch size, width and depth. ``classifier``:
+  ``read_classifier(path)`` when the caller has it already."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
-  spec, ckpt = loading.infer_model(path)
-  if models.resolve(spec.name)[0].name != "ViT":
-    raise CheckpointError(f"{os.fspath(path)!r} holds a {spec.name}, not a ViT classifier")
+  classifier = classifier or read_classifier(path)
+  if classifier is None:
+    raise CheckpointError(f"{os.fspath(path)!r} holds no ViT classifier")
+  spec, ckpt = classifier
   vit = models.create(spec.name, num_classes=spec.num_classes, image_size=spec.image_size,
                       **spec.overrides)
   loading.load_pretrained(vit, ckpt)

@@ -92,13 +92,9 @@ class Detection:
     if not isinstance(model, yolos_names.YOLOS):
       checkpoints.load_pretrained(model, path, format=format, load=load, init=init)
       return
-    try:
-      spec, _ = checkpoints.infer_model(path)
-      classifier = models.resolve(spec.name)[0].name == "ViT"
-    except (checkpoints.CheckpointError, ValueError):
-      classifier = False
+    classifier = yolos_names.read_classifier(path)
     if classifier:
-      yolos_names.load_from_classifier(model, path)
+      yolos_names.load_from_classifier(model, path, classifier)
     else:
       yolos_names.load_yolos(model, path, format=format, load=load, init=init)
 

@@ -1,12 +1,13 @@
 """A run that starts from another run: ``config.pretrained = "train:configs/NAME.py[:ARG]"``.
 
-train.py first trains that config in ``WORKDIR/pretrain`` (resuming it like any run), then starts
+``trainer.train_and_evaluate`` (so train.py) first trains that config in ``WORKDIR/pretrain`` (resuming it like any run), then starts
 this run from its checkpoint, so a recipe with a pre-training stage is still one command. Once
 this run has a checkpoint of its own, the stage is not looked at again.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Any, Callable
@@ -33,9 +34,10 @@ def load_config(spec: str) -> Any:
 
 def run_stages(config: Any, workdir: str, train: Callable[[Any, str], Any],
                has_checkpoint: Callable[[str], bool]) -> Any:
-  """Trains the stage ``config.pretrained`` names (if it names one and this run has not
-  started) and points ``config.pretrained`` at its workdir. ``train(config, workdir)`` trains a
-  run; ``has_checkpoint(workdir)`` tells whether a run has started."""
+  """``config`` itself, or, when ``config.pretrained`` names a stage, a copy pointing at the
+  stage's workdir, after training the stage there if this run has not started.
+  ``train(config, workdir)`` trains a run; ``has_checkpoint(workdir)`` tells whether a run has
+  started."""
   pretrained = config.pretrained or ""
   if not pretrained.startswith(PREFIX):
     return config
@@ -44,5 +46,6 @@ def run_stages(config: Any, workdir: str, train: Callable[[Any, str], Any],
     print(f"stage 1: training {pretrained[len(PREFIX):]} in {stage_dir}", flush=True)
     train(load_config(pretrained[len(PREFIX):]), stage_dir)
     print(f"stage 2: training from {stage_dir}", flush=True)
+  config = copy.deepcopy(config)
   config.pretrained = stage_dir
   return config

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import tasks
 from vit_jax.tasks import Task
-from vit_jax.train import checkpointing, optimizer, sharding
+from vit_jax.train import checkpointing, optimizer, sharding, stages
 from vit_jax.train.metrics_writer import MetricsWriter
 from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
@@ -220,7 +220,11 @@ def train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] 
                        ) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its last checkpoint. Returns the final eval.
 
-  ``devices``: the mesh's devices (default: every device of every process)."""
+  ``devices``: the mesh's devices (default: every device of every process). A
+  ``config.pretrained`` of "train:configs/NAME.py[:ARG]" trains that stage first
+  (``vit_jax.train.stages``)."""
+  config = stages.run_stages(config, workdir, lambda c, w: train_and_evaluate(c, w, devices),
+                             has_checkpoint)
   setup = make_setup(config, devices)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
