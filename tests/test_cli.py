@@ -13,6 +13,7 @@ import pytest
 
 from tests.checkpoint_reading import read_state
 from tests.conftest import subprocess_xla_flags
+from vit_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer ViT on the digits; 64 images a step, so an epoch of 1,497 ends after step 23.
@@ -46,12 +47,14 @@ def last_logged_step(workdir):
 
 
 def kill_after_step(cmd, workdir, step):
-  """Starts ``cmd`` and SIGKILLs it once its metrics log reaches ``step`` (or it ends); returns
-  the last step it logged."""
+  """Starts ``cmd`` and SIGKILLs it once its metrics log reaches ``step`` and a checkpoint is
+  complete (or it ends), so that the restart has something to resume; returns the last step it
+  logged."""
   proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while last_logged_step(workdir) < step and proc.poll() is None and time.time() < deadline:
+  while ((last_logged_step(workdir) < step or not trainer.has_checkpoint(workdir))
+         and proc.poll() is None and time.time() < deadline):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
