@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, logging
 
 from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
+from vit_jax.data.image_files import fit_to_canvas, load_image  # PIL and numpy only
 
 command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
 
@@ -76,69 +77,10 @@ def class_names(labels: str | None, num_classes: int, meta: dict) -> list[str] |
   return names
 
 
-def load_image(path: str, size: int, channels: int) -> np.ndarray:
-  """An image file resized to size x size (bilinear), values in [-1, 1], HWC."""
-  from PIL import Image
-  try:
-    with Image.open(path) as im:
-      im = im.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BILINEAR)
-      x = np.asarray(im, np.float32)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read the image {path!r}: {e}") from None
-  x = x.reshape(size, size, channels)
-  return x / 127.5 - 1.0
-
-
 def model_spec(args: argparse.Namespace):
   """(ModelSpec, Checkpoint): read from the checkpoint, with --model / --num_classes overriding."""
-  from vit_jax import checkpoints, models
-  from vit_jax.checkpoints import readers
-  try:
-    spec, ckpt = checkpoints.infer_model(args.checkpoint)
-  except checkpoints.CheckpointNotFoundError:
-    raise
-  except checkpoints.CheckpointError:
-    if not args.model:
-      raise
-    spec, ckpt = None, readers.read(args.checkpoint)
-  if not args.model:
-    return spec, ckpt
-  same_family = spec is not None and models.resolve(spec.name)[0] is models.resolve(args.model)[0]
-  num_classes = args.num_classes or (spec.num_classes if spec else None)
-  if not num_classes:
-    raise ValueError(f"cannot read the number of classes from {args.checkpoint!r}; pass --num_classes")
-  # The name fixes the sizes; options such as the classifier still come from the checkpoint.
-  overrides = {k: v for k, v in spec.overrides.items() if k not in SIZE_OPTIONS} if same_family else {}
-  return checkpoints.ModelSpec(args.model, num_classes, spec.image_size if spec else 224,
-                               overrides, spec.task if spec else "classification"), ckpt
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def fit_to_canvas(path: str, canvas: tuple[int, int], channels: int, normalize: str):
-  """(the decoded image HWC uint8, the model input [H, W, C] fitted into ``canvas`` keeping the
-  aspect ratio and zero-padded at the bottom and right, its pixel mask [H, W])."""
-  from PIL import Image
-  try:
-    with Image.open(path) as im:
-      im = im.convert("RGB" if channels == 3 else "L")
-      original = np.asarray(im, np.uint8).reshape(im.height, im.width, channels)
-      scale = min(canvas[0] / im.height, canvas[1] / im.width)
-      size = (max(1, min(canvas[1], round(im.width * scale))),
-              max(1, min(canvas[0], round(im.height * scale))))
-      x = np.asarray(im.resize(size, Image.BILINEAR), np.float32).reshape(size[1], size[0], channels)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read the image {path!r}: {e}") from None
-  if normalize == "imagenet":
-    x = (x / 255.0 - np.asarray(IMAGENET_MEAN[:channels])) / np.asarray(IMAGENET_STD[:channels])
-  else:
-    x = x / 127.5 - 1.0
-  padded = np.zeros((*canvas, channels), np.float32)
-  padded[:x.shape[0], :x.shape[1]] = x
-  mask = np.zeros(canvas, np.float32)
-  mask[:x.shape[0], :x.shape[1]] = 1.0
-  return original, padded, mask
+  from vit_jax.checkpoints import loading
+  return loading.resolve_model(args.checkpoint, args.model, args.num_classes, SIZE_OPTIONS)
 
 
 def detect(args: argparse.Namespace, spec, ckpt) -> list[dict]:

@@ -89,3 +89,15 @@ def test_detection_killed_and_restarted_ends_bit_equal(tmp_path, data_dir):
   drawn = Image.open(tmp_path / "drawn" / "scene1.png")
   assert drawn.size == (256, 256) and drawn.mode == "RGB"
   assert len(json.loads((tmp_path / "p.json").read_text())) == 16
+
+  # visualize.py on the same checkpoint (written by an 8-device run, read on 8 fake devices):
+  # the det tokens' attention with their boxes, the layer x head grid, the arrays.
+  out = run([sys.executable, os.path.join(ROOT, "visualize.py"), "--workdir", str(workdir),
+             "--images", scenes[0], "--out", str(tmp_path / "maps"), "--threshold", "0",
+             "--fake_devices", "8"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  maps = np.load(tmp_path / "maps" / "scene0_maps.npz")
+  assert maps["det_attention"].shape == (2, 8, 8, 8)  # [heads, det tokens, rows, cols]
+  assert maps["layer_head"].shape == (1, 2, 8, 8)
+  for name in ("scene0_det_tokens.png", "scene0_heads.png", "summary.json"):
+    assert (tmp_path / "maps" / name).exists(), name

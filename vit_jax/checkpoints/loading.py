@@ -288,7 +288,11 @@ def infer_model(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint]
   its models from the arrays is asked in turn (``Family.infer`` raises ValueError for a
   checkpoint of another family).
   """
-  ckpt = readers.read(os.fspath(path))
+  return infer_checkpoint(readers.read(os.fspath(path)))
+
+
+def infer_checkpoint(ckpt: readers.Checkpoint) -> tuple[ModelSpec, readers.Checkpoint]:
+  """``infer_model`` of a checkpoint already read (its arrays possibly prepared by the caller)."""
   signature = ckpt.meta.get("signature")
   if ckpt.container == "orbax" and signature:
     task = signature.get("task", "classification")
@@ -307,3 +311,28 @@ def infer_model(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpoint]
       continue
   raise CheckpointError(f"cannot tell which model {ckpt.path!r} holds; pass the model name "
                         f"(e.g. --model ViT-B/16)")
+
+
+def resolve_model(checkpoint: str, model: str | None = None, num_classes: int | None = None,
+                  size_options: Sequence[str] = ()) -> tuple[ModelSpec, readers.Checkpoint]:
+  """(ModelSpec, Checkpoint) of ``checkpoint``: read from it, with ``model`` (a name) and
+  ``num_classes`` overriding; options in ``size_options`` come from the name when it is given."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    spec, ckpt = infer_model(checkpoint)
+  except readers.CheckpointNotFoundError:
+    raise
+  except readers.CheckpointError:
+    if not model:
+      raise
+    spec, ckpt = None, readers.read(checkpoint)
+  if not model:
+    return spec, ckpt
+  same_family = spec is not None and models.resolve(spec.name)[0] is models.resolve(model)[0]
+  num_classes = num_classes or (spec.num_classes if spec else None)
+  if not num_classes:
+    raise ValueError(f"cannot read the number of classes from {checkpoint!r}; pass --num_classes")
+  # The name fixes the sizes; options such as the classifier still come from the checkpoint.
+  overrides = {k: v for k, v in spec.overrides.items() if k not in size_options} if same_family else {}
+  return ModelSpec(model, num_classes, spec.image_size if spec else 224, overrides,
+                  spec.task if spec else "classification"), ckpt

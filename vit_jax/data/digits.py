@@ -70,3 +70,40 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
                          indices: np.ndarray) -> Iterator[tuple[int, dict]]:
     for i in indices:
       yield int(i), {"image": images[i], "label": int(labels[i])}
+
+
+def write_pngs(out: str, split: str = "test", start: int = 0, count: int = 4) -> list[str]:
+  """Writes digits ``start .. start+count-1`` of ``split`` as 8x8 grey PNGs named
+  ``<split>_<index>_label<label>.png`` into ``out``; returns their paths."""
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  images, labels = digits_arrays()
+  indices = split_indices(labels)[split]
+  if not 0 <= start < len(indices) or count < 1:
+    raise ValueError(f"--start {start} --count {count}: the {split} split has {len(indices)} digits")
+  os.makedirs(out, exist_ok=True)
+  paths = []
+  for k in range(start, min(start + count, len(indices))):
+    i = indices[k]
+    path = os.path.join(out, f"{split}_{k}_label{labels[i]}.png")
+    Image.fromarray(images[i][..., 0]).save(path)
+    paths.append(path)
+  return paths
+
+
+if __name__ == "__main__":
+  import argparse
+
+  parser = argparse.ArgumentParser(
+      description="Write digits of the embedded split as PNG files, e.g. to try predict.py or "
+                  "visualize.py: python -m vit_jax.data.digits --out digits --count 4")
+  parser.add_argument("--out", required=True, help="folder to write")
+  parser.add_argument("--split", default="test", choices=("train", "test"))
+  parser.add_argument("--start", type=int, default=0, help="first digit of the split")
+  parser.add_argument("--count", type=int, default=4, help="how many digits")
+  a = parser.parse_args()
+  try:
+    print("\n".join(write_pngs(a.out, a.split, a.start, a.count)))
+  except ValueError as e:
+    parser.error(str(e))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.models import recording
 from vit_jax.models.layers import Dense, dropout, xavier_uniform
 
 IMPLEMENTATIONS = ("explicit", "xla", "cudnn")
@@ -25,9 +26,11 @@ class MultiHeadAttention(nnx.Module):
         CPU it is faster than "xla" (measured: docs/benchmarks.md);
     "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that implementation ("cudnn": fused
         flash attention on NVIDIA GPUs).
-  Where the weights themselves are needed (attention dropout in training, ``keep_weights``)
-  every implementation computes them explicitly. Setting ``keep_weights`` stores the last
-  weights in ``self.weights`` (read by attention-map tools; use outside jit).
+  Where the weights themselves are needed in training (attention dropout) every implementation
+  computes them explicitly. While a ``recording.Recorder`` is active and ``capture_name`` is set
+  (``vit_jax.attention_maps.capture`` does both), the weights are computed explicitly and
+  recorded; the output still comes from the configured implementation (the same output as
+  without recording), unless the recorder perturbs the weights, which then feed the output.
 
   Optional call inputs (DETR): ``value``, the values' input when it differs from the keys'
   (positions added to queries and keys only), and ``mask``, a key-padding mask [B, Tk] (True:
@@ -55,8 +58,7 @@ class MultiHeadAttention(nnx.Module):
     self.value = Dense(dim, (num_heads, head_dim), **qkv)
     self.out = Dense((num_heads, head_dim), out_dim or dim, axes=("heads", "kv", "embed"),
                      rngs=rngs, kernel_init=xavier_uniform, dtype=dtype)
-    self.keep_weights = False
-    self.weights = None
+    self.capture_name: str | None = None  # set by attention_maps.capture on its own copy
 
   def _heads(self, dense: Dense, x: jax.Array) -> jax.Array:
     """Projects [..., T, D] to the heads-major layout [..., H, T, Dh]."""
@@ -74,18 +76,25 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError(f"key-padding mask of shape {tuple(mask.shape)} does not fit keys of "
                          f"shape {tuple(context.shape)}: expected {tuple(context.shape[:-1])}")
       mask = jnp.asarray(mask, bool)
-    needs_weights = self.keep_weights or (train and self.dropout_rate > 0.0)
+    recorder = recording.active() if self.capture_name else None
+    perturbed = recorder is not None and self.capture_name in recorder.perturbations
+    needs_weights = perturbed or (train and self.dropout_rate > 0.0)
+    if recorder is not None:
+      recorder.record_inputs(self.capture_name, x, context)
     if self.implementation != "explicit" and not needs_weights:
       q, k, v = self.query(x), self.key(context), self.value(value)  # [B, T, H, Dh]
-      if mask is None:
-        return self.out(jax.nn.dot_product_attention(q, k, v, implementation=self.implementation))
-      return self.out(jax.nn.dot_product_attention(
-          q, k, v, mask=mask[..., None, None, :], implementation=self.implementation))
+      bias_mask = None if mask is None else mask[..., None, None, :]
+      if recorder is not None:
+        scale = jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        recorder.record(self.capture_name, attention_weights(
+            jnp.swapaxes(q, -2, -3) * scale, jnp.swapaxes(k, -2, -3), mask))
+      return self.out(jax.nn.dot_product_attention(q, k, v, mask=bias_mask,
+                                                   implementation=self.implementation))
     q = self._heads(self.query, x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
     k, v = self._heads(self.key, context), self._heads(self.value, value)
     weights = attention_weights(q, k, mask)
-    if self.keep_weights:
-      self.weights = nnx.Intermediate(weights)
+    if recorder is not None:
+      weights = recorder.record(self.capture_name, weights)
     weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
     y = jnp.einsum("...qk,...kd->...qd", weights, v)
     return self.out(jnp.swapaxes(y, -2, -3))

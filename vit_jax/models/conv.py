@@ -35,11 +35,11 @@ def weight_standardize(w: jax.Array, style: str, eps: float) -> jax.Array:
   raise ValueError(f"weight standardisation style {style!r} is not one of {WS_STYLES}")
 
 
-def _padding(padding: str | int, kernel: int) -> str | list[tuple[int, int]]:
+def _padding(padding: str | int, kernel: int) -> str | tuple[tuple[int, int], ...]:
   if padding == "SAME":  # TensorFlow SAME: the extra pixel (if any) goes after
     return "SAME"
   if isinstance(padding, int):
-    return [(padding, padding), (padding, padding)]
+    return ((padding, padding), (padding, padding))  # a tuple: the graph definition stays hashable
   raise ValueError(f"conv padding {padding!r} must be 'SAME' or an int (symmetric pixels); "
                    f"kernel {kernel}")
 

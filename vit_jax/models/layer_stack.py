@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from vit_jax.models import recording
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -44,7 +46,9 @@ def make_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *
   def stacked(r: nnx.Rngs) -> nnx.Module:
     return make_block(r)
 
-  return stacked(rngs)
+  blocks = stacked(rngs)
+  blocks.stacked_layers = num_layers  # read by attention_maps.capture to name each layer
+  return blocks
 
 
 def apply_blocks(blocks: nnx.Module, x: jax.Array, *, num_layers: int, train: bool = False,
@@ -64,7 +68,8 @@ def apply_blocks(blocks: nnx.Module, x: jax.Array, *, num_layers: int, train: bo
     y = block(x, train=train, rngs=block_rngs, drop_path_rate=rate)
     return constrain_batch(y.astype(x.dtype))
 
-  if remat != "none":
+  recorder = recording.active()
+  if remat != "none" and recorder is None:  # recording is forward only: nothing to save
     apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat], static_argnums=(0,))
 
   x = constrain_batch(x)
@@ -75,6 +80,8 @@ def apply_blocks(blocks: nnx.Module, x: jax.Array, *, num_layers: int, train: bo
     return x
 
   graphdef, state = nnx.split(blocks)
+  if recorder is not None:
+    return _apply_stacked_recording(apply, graphdef, state, x, rates, keys, recorder, num_layers)
   if stochastic:
     body = lambda x, xs: (apply(graphdef, xs[0], x, xs[1], xs[2]), None)
     x, _ = jax.lax.scan(body, x, (state, jnp.asarray(rates, jnp.float32), keys))
@@ -83,4 +90,29 @@ def apply_blocks(blocks: nnx.Module, x: jax.Array, *, num_layers: int, train: bo
       raise ValueError("stochastic depth in training needs `rngs` with a 'dropout' stream")
     body = lambda x, st: (apply(graphdef, st, x, 0.0, None), None)
     x, _ = jax.lax.scan(body, x, state)
+  return x
+
+
+
+def _apply_stacked_recording(apply, graphdef, state, x, rates, keys, recorder, num_layers):
+  """The scanned stack while ``recorder`` is active: each layer records into a child recorder
+  whose records (and the perturbations given for them) travel through the scan stacked on a
+  leading layer axis; the names' ``{layer}`` is then filled with each layer's index."""
+  def layer_names(name):
+    return [name.replace(recording.LAYER, str(i)) for i in range(num_layers)]
+  block = nnx.merge(graphdef, state)
+  names = [m.capture_name for _, m in nnx.iter_graph(block) if getattr(m, "capture_name", None)]
+  perturb = {n: jnp.stack([recorder.perturbations[m] for m in layer_names(n)])
+             for n in names if all(m in recorder.perturbations for m in layer_names(n))}
+
+  def body(x, xs):
+    st, rate, key, layer_perturb = xs
+    with recording.Recorder(layer_perturb, keep_inputs=recorder.keep_inputs) as child:
+      y = apply(graphdef, st, x, rate, key)
+    return y, child.records
+
+  x, records = jax.lax.scan(body, x, (state, jnp.asarray(rates, jnp.float32), keys, perturb))
+  for name, stacked in records.items():
+    for i, layer_name in enumerate(layer_names(name)):
+      recorder.record(layer_name, stacked[i], perturb=False)
   return x
