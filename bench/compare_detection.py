@@ -13,6 +13,17 @@ whole update: forward, the set loss with its Hungarian matching, backward, gradi
 ``model(pixel_values, [pixel_mask,] labels=...)``, ``loss.backward()``,
 ``clip_grad_norm_`` and ``torch.optim.AdamW.step``.
 
+With ``--train`` it compares what the two learn instead of how fast: HF's model starts from the
+initial weights of our finished run in ``--ours DIR`` (default ``workdirs/<config>``: for YOLOS
+the encoder our first stage trained, loaded as the trainer loads it; for DETR the trainer's
+initialisation), trains for the config's ``total_steps`` on the same stream of batches (our
+pipeline, same seed) with the same recipe (our learning-rate schedule set on torch's AdamW at
+every step, weight decay on the same weight matrices, clipping at 0.1), and is evaluated on the
+test scenes by our COCO evaluator; the table sets its AP beside our run's ``final_metrics.json``:
+
+  .venv/bin/python train.py --config configs/detection.py:detr_digits --workdir workdirs/detr_digits
+  .venv/bin/python bench/compare_detection.py --train --models detr --json results/train_detr.json
+
 Like with like: HF's DETR freezes every parameter of an HF (non-timm) ResNet backbone (its
 freezing test looks for timm's stage names), so the worker makes them trainable again, as ours
 are; its batch norms are frozen in both. HF's DETR runs with ``auxiliary_loss=True`` (ours has
@@ -39,13 +50,14 @@ MODELS = {"yolos": "yolos_digits", "detr": "detr_digits"}
 FRAMEWORKS = ("jax", "hf")
 
 
-def detection_config(model: str, batch_size: int):
+def detection_config(model: str, batch_size: int | None = None):
   """The experiment config of ``model`` (yolos | detr), from scratch (no pre-training stage)."""
   from configs import detection
 
   c = detection.get_config(MODELS[model])
   c.pretrained = None
-  c.batch_size = batch_size
+  if batch_size:
+    c.batch_size = batch_size
   return c
 
 
@@ -69,6 +81,37 @@ def prepare(model: str, batch_size: int, folder: str) -> dict:
   batch = next(iter(task.train_data(0)))
   np.savez(os.path.join(folder, "batch.npz"), **{k: np.asarray(v) for k, v in batch.items()})
   return {"boxes_per_image": float(np.asarray(batch["box_mask"]).sum(1).mean())}
+
+
+def prepare_training(model: str, ours: str, folder: str) -> dict:
+  """Writes ``folder``/hf: the initial weights of our run in ``ours``, as the trainer made them
+  (``Setup.init_state``: from the first stage's checkpoint when the recipe has one)."""
+  import json
+
+  from flax import nnx
+
+  from vit_jax import tasks
+  from vit_jax.checkpoints import detr_names, yolos_names
+  from vit_jax.train import stages
+
+  from configs import detection
+
+  config = detection_config(model)
+  full = detection.get_config(MODELS[model])
+  metrics_path = os.path.join(ours, "final_metrics.json")
+  if not os.path.exists(metrics_path):
+    raise SystemExit(f"--ours {ours}: no final_metrics.json; train it first: python train.py "
+                     f"--config configs/detection.py:{MODELS[model]} --workdir {ours}")
+  with open(metrics_path) as f:
+    our_metrics = json.load(f)
+  task = tasks.create(config)
+  net = task.build_model(nnx.Rngs(config.seed))
+  if full.pretrained:
+    stage_dir = os.path.join(ours, stages.STAGE_DIR)
+    task.load_pretrained(net, stage_dir, **dict(full.pretrained_options))
+  export = yolos_names.export_hf if model == "yolos" else detr_names.export_hf
+  export(net, os.path.join(folder, "hf"))
+  return our_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,11 +174,88 @@ def hf_step(model: str, folder: str, batch: dict, clip: float = 0.1):
   return run, time.perf_counter() - t
 
 
+def hf_training_optimizer(net, lr: float, weight_decay: float):
+  """AdamW decaying exactly the parameters our trainer decays (``optimizer.decay_mask``: weight
+  matrices and convolution kernels; not biases, norms, position or query embeddings, tokens)."""
+  import torch
+
+  def decays(name, p):
+    return p.ndim > 1 and name.endswith(".weight") and "embedding" not in name
+  named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+  return torch.optim.AdamW([{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+                            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
+                           lr=lr)
+
+
+def hf_train(model: str, folder: str, progress: str, steps: int | None = None) -> dict:
+  """Trains HF's model from ``folder``/hf with our recipe on our batches; returns its COCO metrics
+  on the test scenes (our evaluator) and the wall time."""
+  import jax
+  import numpy as np
+  import torch
+
+  from vit_jax import tasks
+  from vit_jax.tasks.detection import evaluation_outputs
+  from vit_jax.train import optimizer
+
+  config = detection_config(model)
+  if steps:  # a shorter run on the same schedule (a smoke test of this path)
+    config.total_steps = steps
+  task = tasks.create(config)
+  net = hf_model(model, os.path.join(folder, "hf")).train()
+  opt = hf_training_optimizer(net, config.lr, config.optimizer.weight_decay)
+  schedule = optimizer.make_schedule(config.lr, config.total_steps, **config.schedule)
+  clip = config.optimizer.grad_clip_norm
+  start = time.perf_counter()
+  batches = task.train_data(0)
+  with open(progress, "w") as log:
+    for step in range(config.total_steps):
+      batch = {k: np.asarray(v) for k, v in next(batches).items()}
+      lr = float(schedule(step))
+      for group in opt.param_groups:
+        group["lr"] = lr
+      kwargs = ({"pixel_mask": torch.from_numpy(batch["pixel_mask"].astype("int64"))}
+                if model == "detr" else {})
+      opt.zero_grad(set_to_none=True)
+      loss = net(pixel_values=torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()),
+                 labels=hf_labels(batch), **kwargs).loss
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+      opt.step()
+      if (step + 1) % config.log_every == 0:
+        log.write(f"step {step + 1} loss {loss.item():.4f} lr {lr:.2e} "
+                  f"{time.perf_counter() - start:.0f} s\n")
+        log.flush()
+  train_s = time.perf_counter() - start
+  net.eval()
+  evaluator = task.evaluator()
+  with torch.no_grad():
+    for batch in task.eval_data():
+      batch = {k: np.asarray(v) for k, v in batch.items()}
+      kwargs = ({"pixel_mask": torch.from_numpy(batch["pixel_mask"].astype("int64"))}
+                if model == "detr" else {})
+      out = net(pixel_values=torch.from_numpy(batch["image"].transpose(0, 3, 1, 2).copy()), **kwargs)
+      outputs = {"logits": out.logits.numpy(), "boxes": out.pred_boxes.numpy()}
+      evaluator.update(jax.device_get(evaluation_outputs(outputs, batch)))
+  return {"metrics": evaluator.result(), "train_s": train_s, "steps": config.total_steps}
+
+
 def run_worker(args: argparse.Namespace) -> dict:
   harness.pin_cores(args.threads)
   preset = harness.apply_preset(args.preset)
   import numpy as np
 
+  if args.worker == "hf_train":
+    import torch
+
+    from tests.timm_helpers import import_timm
+
+    import_timm()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = hf_train(args.model, args.folder, os.path.join(args.folder, "progress.txt"), args.steps)
+    return {"worker": "hf_train", "model": args.model, **result, "threads": args.threads,
+            "versions": harness.environment()["versions"]}
   batch = dict(np.load(os.path.join(args.folder, "batch.npz")))
   if args.worker == "jax":
     import workloads
@@ -218,6 +338,48 @@ def run_driver(args: argparse.Namespace) -> dict:
   return harness.finish_runs("compare_detection", args, total, rounds_log, results=rows)
 
 
+def run_training(args: argparse.Namespace) -> dict:
+  """``--train``: HF's models trained with our recipe from our runs' initial weights (docstring)."""
+  import json
+
+  models = [m.strip() for m in args.models.split(",") if m.strip()]
+  harness.allocator_env(args.allocator)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for m in models:
+      ours = args.ours or os.path.join(ROOT, "workdirs", MODELS[m])
+      folder = os.path.join(tmp, m)
+      os.makedirs(folder)
+      our_metrics = prepare_training(m, ours, folder)
+      print(f"{m}: HF training from {ours}'s initial weights; progress in "
+            f"{os.path.join(folder, 'progress.txt')}", flush=True)
+      cmd = [sys.executable, os.path.abspath(__file__), "--worker", "hf_train", "--model", m,
+             "--folder", folder, "--threads", str(args.threads), "--preset", args.preset]
+      if args.steps:
+        cmd += ["--steps", str(args.steps)]
+      env = harness.worker_env(args.allocator)
+      env["PYTHONPATH"] = ROOT
+      with harness.LoadMonitor() as load:
+        result = harness.run_worker_process(cmd, f"hf_train {m}", cwd=ROOT, env=env)
+      theirs = result["metrics"]
+      rows.append({"model": m, "steps": result["steps"], "ours_AP50": our_metrics["AP50"],
+                   "hf_AP50": theirs["AP50"], "ours_AP": our_metrics["AP"], "hf_AP": theirs["AP"],
+                   "AP50_gap_points": 100 * (our_metrics["AP50"] - theirs["AP50"]),
+                   "hf_train_minutes": result["train_s"] / 60, "load": load.report(),
+                   "hf_metrics": theirs, "ours_metrics": our_metrics,
+                   "versions": result["versions"]})
+      print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("load", "versions")}),
+            flush=True)
+  print(harness.format_table(rows, ["model", "steps", "ours_AP50", "hf_AP50", "ours_AP", "hf_AP",
+                                    "AP50_gap_points", "hf_train_minutes"]))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump({"script": "compare_detection --train", "rows": rows,
+                 "environment": harness.environment()}, f, indent=1)
+  return {"rows": rows}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="yolos,detr", help="comma-separated, from yolos, detr")
@@ -230,7 +392,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS))
   p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS)
   p.add_argument("--json", default=None, help="write the results here")
-  p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+  p.add_argument("--train", action="store_true",
+                  help="train HF's models with our recipe and compare their AP (module docstring)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="--train: train HF's model this many steps instead of the config's (a smoke test)")
+  p.add_argument("--ours", default=None,
+                  help="--train: our finished run's workdir (default workdirs/<config>)")
+  p.add_argument("--worker", choices=FRAMEWORKS + ("hf_train",), help=argparse.SUPPRESS)
   p.add_argument("--model", choices=sorted(MODELS), help=argparse.SUPPRESS)
   p.add_argument("--folder", help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -242,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_worker(args)
     harness.print_result(result)
     return result
+  if args.train:
+    return run_training(args)
   return run_driver(args)
 
 

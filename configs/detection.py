@@ -12,14 +12,15 @@ Reaches: on the embedded digit scenes' 1,000 test scenes (vit_jax/data/digit_sce
                          17.0 min: 78.3% / 54.0%; ends at 20.8 min (5,000 steps): 82.5% / 59.4%
                          (so at 30 and 60 min: 82.5% / 59.4%). AMD EPYC, 2026-12-03: 83.3% / 60.7%
                          at 33.2 min.
-           detr_digits   not yet measured to the end (an earlier 2,300-step run of this recipe:
-                         AP50 60.9% after 7.6 min of training, AMD EPYC).
+           detr_digits   1.8 min: 1.3% / 0.5%; 4.9 min: 66.0% / 37.8%; 9.6 min: 90.8% / 66.9%;
+                         13.0 min: 92.0% / 69.5%; ends at 13.5 min (8,000 steps): 92.0% / 69.5%
+                         (AP75 85.6%; so at 15, 30 and 60 min: 92.0% / 69.5%).
          yolos_ti_coco and detr_r50_coco are the papers' COCO recipes: 28.7 AP (YOLOS-Ti)
          and 42.0 AP (DETR-R50) are the papers' figures, not reproduced here (there is no COCO on
          the machines this project is developed on).
 Your own data (COCO-format annotations and their images; K classes) and a checkpoint to start from
-(a released YOLOS or DETR checkpoint: an HF folder or the original .pth; or a ViT
-classifier for YOLOS, whose det tokens and heads then start new):
+(a released YOLOS or DETR checkpoint: an HF folder or the original .pth; or a ViT or DeiT
+classifier for YOLOS, timm's distilled DeiTs too, whose det tokens and heads then start new):
          python train.py --config configs/detection.py:yolos_digits --workdir workdirs/mine \
            --config.dataset=coco:/data/coco_mine/instances.json,/data/coco_mine/images \
            --config.num_classes=K --config.model.channels=3 --config.pretrained=PATH

@@ -164,6 +164,40 @@ def test_yolos_starts_from_a_vit_classifier(tmp_path):
     yolos_names.load_from_classifier(wide, path)
 
 
+def test_yolos_starts_from_timm_deit_including_a_distilled_one(tmp_path):
+  """timm's DeiTs start YOLOS too; of a distilled one YOLOS keeps the class token and takes the
+  distillation token's position as the class position (hustvl/YOLOS ``finetune_det``)."""
+  from safetensors.numpy import save_file
+
+  from tests.timm_helpers import import_timm, randomize_, state_dict_numpy
+  from vit_jax import models
+  from vit_jax.checkpoints import yolos_names
+  from vit_jax.models.yolos import resize_positions
+  timm = import_timm()
+  size = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=64)
+  for distilled in (False, True):
+    cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
+    deit = cls(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=7)
+    randomize_(deit, seed=3)
+    arrays = state_dict_numpy(deit)
+    assert ("dist_token" in arrays) == distilled
+    path = str(tmp_path / f"deit_{distilled}.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path)
+    yolos = models.create("YOLOS-Ti/8", num_classes=10, image_size=(32, 48), rngs=nnx.Rngs(2),
+                          num_det_tokens=3, **size)
+    det_pe = np.asarray(yolos.Transformer.posembed_input.pos_embedding[...])[:, -3:]
+    yolos_names.load_from_classifier(yolos, path)
+    np.testing.assert_allclose(yolos.cls[...], arrays["cls_token"], rtol=1e-6)
+    pos = arrays["pos_embed"][:, 1:] if distilled else arrays["pos_embed"]  # [1, 1 + 16, D]
+    want = resize_positions(np.concatenate([pos, det_pe], 1), (4, 4), (4, 6), 3)
+    got = np.asarray(yolos.Transformer.posembed_input.pos_embedding[...])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(got[:, 0], arrays["pos_embed"][:, 1 if distilled else 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(yolos.Transformer.blocks[1].MlpBlock_3.Dense_0.kernel[...]),
+        arrays["blocks.1.mlp.fc1.weight"].T, rtol=1e-6)
+
+
 def test_a_run_with_a_pretraining_stage(tmp_path, monkeypatch):
   """``pretrained="train:CONFIG"``: the stage is trained first in WORKDIR/pretrain, once."""
   from vit_jax.train import stages

@@ -17,6 +17,7 @@ or one of the released sizes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Collection, Mapping, Sequence
 
@@ -225,10 +226,29 @@ def read_classifier(path: str | os.PathLike) -> tuple[ModelSpec, readers.Checkpo
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
   try:
-    spec, ckpt = loading.infer_model(path)
+    ckpt = readers.read(os.fspath(path))
+    if is_distilled_deit(ckpt.arrays):
+      ckpt = dataclasses.replace(ckpt, arrays=distilled_as_yolos_start(ckpt.arrays))
+    spec, ckpt = loading.infer_checkpoint(ckpt)
   except (CheckpointError, ValueError):
     return None
   return (spec, ckpt) if models.resolve(spec.name)[0].name == "ViT" else None
+
+
+def is_distilled_deit(arrays) -> bool:
+  """A distilled DeiT in timm's names (``dist_token`` beside the class token)."""
+  return "dist_token" in arrays and "patch_embed.proj.weight" in arrays
+
+
+def distilled_as_yolos_start(arrays) -> dict:
+  """A distilled DeiT's arrays as YOLOS starts from them (hustvl/YOLOS ``finetune_det``): the
+  class token is kept, the distillation token and its head are dropped, and of the position
+  embeddings the first (the class token's) is dropped, so the distillation token's position
+  becomes the class position; what remains is a plain timm ViT."""
+  out = {k: v for k, v in arrays.items()
+         if k != "dist_token" and not k.startswith("head_dist.")}
+  out["pos_embed"] = np.asarray(arrays["pos_embed"])[:, 1:]
+  return out
 
 
 def load_from_classifier(model: YOLOS, path: str | os.PathLike,
@@ -236,9 +256,10 @@ def load_from_classifier(model: YOLOS, path: str | os.PathLike,
                          ) -> YOLOS:
   """Starts ``model`` as YOLOS starts from ImageNet: the encoder (patch embedding, class token,
   blocks, final norm) from a ViT classifier checkpoint of any format ``load_pretrained`` reads
-  (released .npz, timm, this trainer's), its position embeddings resampled to the model's grid
-  (PyTorch bicubic); the detection tokens, their positions and the heads keep their
-  initialisation. The ViT must have the model's patch size, width and depth. ``classifier``:
+  (released .npz, timm, this trainer's; a distilled DeiT as ``distilled_as_yolos_start``), its
+  position embeddings resampled to the model's grid (PyTorch bicubic); the detection tokens,
+  their positions and the heads keep their initialisation. The ViT must have the model's patch
+  size, width and depth (a timm file's heads are taken to be the model's). ``classifier``:
   ``read_classifier(path)`` when the caller has it already."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -246,8 +267,12 @@ def load_from_classifier(model: YOLOS, path: str | os.PathLike,
   if classifier is None:
     raise CheckpointError(f"{os.fspath(path)!r} holds no ViT classifier")
   spec, ckpt = classifier
+  overrides = dict(spec.overrides)
+  if ckpt.container in ("safetensors", "torch"):
+    # timm's fused qkv does not say how many heads it splits into: take the detector's.
+    overrides["num_heads"] = model.config.num_heads
   vit = models.create(spec.name, num_classes=spec.num_classes, image_size=spec.image_size,
-                      **spec.overrides)
+                      **overrides)
   loading.load_pretrained(vit, ckpt)
   cfg, vcfg = model.config, vit.config
   mine = {k: getattr(cfg, k) for k in ("patch_size", "hidden_size", "num_layers", "channels")}

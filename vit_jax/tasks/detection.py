@@ -109,14 +109,8 @@ class Detection:
 
   def eval_outputs(self, model: nnx.Module, batch: dict) -> dict:
     """Detections and ground truth in the original image's pixels, with the image ids."""
-    detections = postprocess(self._forward(model, batch, False), batch["orig_size"])
-    size = batch["orig_size"].astype(jnp.float32)
-    scale = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], axis=-1)[:, None]
-    gt = box_ops.cxcywh_to_xyxy(batch["boxes"].astype(jnp.float32)) * scale
-    return {**detections, "gt_boxes": gt, "gt_labels": batch["labels"],
-            "box_mask": batch["box_mask"], "is_crowd": batch["is_crowd"],
-            "image_id": batch["image_id"], "orig_size": batch["orig_size"],
-            "example_mask": batch["mask"]}
+    return evaluation_outputs(self._forward(model, batch, False), batch)
+
 
   @functools.cached_property
   def _classes(self) -> tuple[list[str], list[int] | None]:
@@ -168,6 +162,20 @@ class Detection:
                                 batch_size=c.eval_batch_size, data_dir=c.data_dir,
                                 num_shards=c.num_data_shards or None)
     return report_dropped(batches, c.detection.max_boxes, c.num_classes)
+
+
+def evaluation_outputs(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict:
+  """What the COCO evaluator takes (``CocoEvaluator.update``) from any detector's ``logits`` and
+  ``boxes`` on an evaluation batch: detections and ground truth in the original image's pixels,
+  with the image ids. Also serves outputs of other implementations (bench/compare_detection.py)."""
+  detections = postprocess(outputs, batch["orig_size"])
+  size = jnp.asarray(batch["orig_size"]).astype(jnp.float32)
+  scale = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], axis=-1)[:, None]
+  gt = box_ops.cxcywh_to_xyxy(jnp.asarray(batch["boxes"]).astype(jnp.float32)) * scale
+  return {**detections, "gt_boxes": gt, "gt_labels": batch["labels"],
+          "box_mask": batch["box_mask"], "is_crowd": batch["is_crowd"],
+          "image_id": batch["image_id"], "orig_size": batch["orig_size"],
+          "example_mask": batch["mask"]}
 
 
 register("detection", Detection)
