@@ -51,7 +51,8 @@ def main(argv):
     ckpt = checkpointing.Checkpointer(directory, keep=10**6, async_save=False)
     if ckpt.latest_step() is None:
       raise ValueError(f"no checkpoint in {directory}")
-    state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step)
+    state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step,
+                               move_aside=False)
     split = _SPLIT.value or _CONFIG.value.eval_split
     evaluator = setup.task.evaluator()
     if _DETECTIONS.value and not hasattr(evaluator, "results_json"):

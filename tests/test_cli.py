@@ -116,6 +116,13 @@ def test_sigkill_and_restart_ends_bit_equal(tmp_path):
   assert out.returncode != 0
   assert "belongs to another model" in out.stderr and "num_layers" in out.stderr
 
+  # A second train.py while a run holds the workdir is refused, naming the holder.
+  from vit_jax.train import workdir_lock
+  with workdir_lock.hold(str(workdir)):
+    out = run(train_cmd(workdir))
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert f"is in use by another run (process {os.getpid()} on " in out.stderr, out.stderr[-2000:]
+
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.nosuchkey=1", r"unknown config key 'nosuchkey'.*Valid keys: .*batch_size"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import struct
 import zipfile
@@ -138,16 +139,16 @@ def read_torch(path: str) -> Arrays:
   return out
 
 
-def _orbax_step_dir(path: str) -> str:
-  """The step directory to read: ``path`` itself, or the latest step under it (or under
-  ``path/checkpoints``, a workdir)."""
+def _orbax_step_dirs(path: str) -> list[str]:
+  """The step directories to try, newest first: ``path`` itself, or the steps under it (or
+  under ``path/checkpoints``, a workdir)."""
   if os.path.isdir(os.path.join(path, "state")):
-    return path
+    return [path]
   for root in (os.path.join(path, "checkpoints"), path):
     if os.path.isdir(root):
       steps = [d for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, "state"))]
       if steps:
-        return os.path.join(root, max(steps, key=int))
+        return [os.path.join(root, d) for d in sorted(steps, key=int, reverse=True)]
   raise CheckpointError(f"{path!r} is a directory but not an orbax checkpoint of this library: "
                         "expected a step directory with a 'state' item, or a workdir/checkpoint "
                         "directory holding step directories")
@@ -166,10 +167,29 @@ def _flatten(tree: Any, prefix: str = "") -> Arrays:
 
 def read_orbax(path: str) -> tuple[Arrays, dict, str]:
   """The parameters, model state and meta of a trainer checkpoint: (arrays, meta, step
-  directory); parameters and model state share one namespace, the model's variable paths."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory); parameters and model state share one namespace, the model's variable paths.
+  The arrays are verified against the fingerprints saved with them; for a workdir the newest
+  step that passes is read (a damaged one is skipped with a warning)."""
+  candidates = _orbax_step_dirs(os.path.abspath(path))  # orbax misreads relative paths' metadata
+  failures = []
+  for step_dir in candidates:
+    try:
+      return _read_orbax_step(step_dir)
+    except Exception as e:  # pylint: disable=broad-except  (damage of any kind)
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      failures.append(f"{step_dir}: {reason}")
+      if len(candidates) > 1:
+        logging.warning("checkpoint %s is damaged and will not be used (%s)", step_dir, reason)
+  if len(candidates) == 1:
+    raise CheckpointError(f"the checkpoint {failures[0]}")
+  raise CheckpointError("no checkpoint under " + repr(path) + " reads back as it was saved: "
+                        + "; ".join(failures))
 
-  step_dir = _orbax_step_dir(os.path.abspath(path))  # orbax misreads relative paths' metadata
+
+def _read_orbax_step(step_dir: str) -> tuple[Arrays, dict, str]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import fingerprint  # pylint: disable=g-import-not-at-top
+
   state_dir = os.path.join(step_dir, "state")
   with ocp.PyTreeCheckpointer() as ckptr:
     metadata = ckptr.metadata(state_dir)
@@ -186,6 +206,12 @@ def read_orbax(path: str) -> tuple[Arrays, dict, str]:
   if os.path.exists(meta_file):
     with open(meta_file) as f:
       meta = json.load(f)
+  saved = meta.get("fingerprints")
+  if saved is not None:
+    saved = {k: v for k, v in saved.items() if k.split("/", 1)[0] in restored}
+    wrong = fingerprint.differences(saved, fingerprint.numpy_fingerprints(dict(restored)))
+    if wrong:
+      raise CheckpointError(f"{len(wrong)} arrays differ from what was saved ({'; '.join(wrong[:3])})")
   arrays = _flatten(restored["params"])
   arrays.update(_flatten(restored.get("model_state") or {}))
   return arrays, meta, step_dir

@@ -1,23 +1,35 @@
 """orbax checkpoints of the train state, restorable onto any mesh.
 
 The state is saved as nested string-keyed dicts of arrays, with a JSON item beside it holding
-the task's model signature and the input position (plain integers, no TensorFlow state).
+the task's model signature, the input position (plain integers, no TensorFlow state) and a
+fingerprint of every array (``fingerprint.py``: computed on the devices, the same on any mesh).
 orbax writes each step to a temporary directory and renames it when complete, so a save that
-dies half-way is never restored: the previous step is.
+dies half-way is never restored. Restoring verifies the fingerprints: a checkpoint that does not
+read back, or reads back different arrays, is never used; it is moved aside to
+``damaged-<step>`` and the newest one that passes is restored (``CheckpointIntegrityError``
+when none does).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from vit_jax.train import fingerprint
 
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of a different model or task."""
+
+
+class CheckpointIntegrityError(ValueError):
+  """No checkpoint of the directory reads back as it was saved."""
 
 
 def _key(k) -> str:
@@ -65,25 +77,76 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    nested = to_nested(state)
+    meta = {**meta, "fingerprints": fingerprint.fingerprints(nested)}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_nested(state)), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.StandardSave(nested), meta=ocp.args.JsonSave(meta)))
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
-  def restore(self, abstract_state: Any, signature: dict, step: int | None = None) -> tuple[Any, dict]:
-    """Restores onto the shardings of ``abstract_state`` (ShapeDtypeStructs with shardings).
+  def restore(self, abstract_state: Any, signature: dict, step: int | None = None, *,
+              move_aside: bool = True) -> tuple[Any, dict]:
+    """Restores onto the shardings of ``abstract_state`` (ShapeDtypeStructs with shardings) the
+    newest checkpoint that passes verification (or exactly ``step``, which must pass). Damaged
+    newer ones are moved aside when ``move_aside`` (a training run; readers leave them).
 
-    Raises CheckpointMismatchError when the checkpoint belongs to another model.
+    Raises CheckpointMismatchError when the checkpoint belongs to another model, and
+    CheckpointIntegrityError when no checkpoint (or ``step``) reads back as saved.
     """
-    step = self.latest_step() if step is None else step
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for candidate in steps:
+      where = f"{self.directory}/{candidate}"
+      try:
+        return self._restore_verified(abstract_state, signature, candidate)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any damage: read errors included)
+        reason = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+        failures.append(f"{where}: {reason}")
+        if step is not None:
+          break
+        logging.warning("checkpoint %s is damaged and will not be used (%s); trying the previous "
+                        "one", where, reason)
+        if move_aside:
+          self._move_aside(candidate)
+    if step is not None:
+      raise CheckpointIntegrityError(f"checkpoint {self.directory}/{step} does not read back as "
+                                     f"it was saved: {failures[0].split(': ', 1)[1]}")
+    raise CheckpointIntegrityError(
+        "no checkpoint in " + self.directory + " reads back as it was saved: " + "; ".join(failures)
+        + ". Remove the damaged ones (or the directory) to start again.")
+
+  def _restore_verified(self, abstract_state: Any, signature: dict, step: int) -> tuple[Any, dict]:
     meta = self.read_meta(step)
     check_signature(meta.get("signature", {}), signature, f"{self.directory}/{step}")
     target = to_nested(abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))
+    saved = meta.get("fingerprints")
+    if saved is None:
+      logging.warning("checkpoint %s/%d has no fingerprints (written by an older version): "
+                      "restored unverified", self.directory, step)
+    else:
+      wrong = fingerprint.differences(saved, fingerprint.fingerprints(restored.state))
+      if wrong:
+        raise CheckpointIntegrityError(f"{len(wrong)} arrays differ from what was saved ("
+                                       + "; ".join(wrong[:3]) + ")")
     return from_nested(restored.state, abstract_state), meta
+
+  def _move_aside(self, step: int) -> None:
+    """Renames a damaged step directory to ``damaged-<step>-<time>`` (process 0), so that later
+    saves of that step and later restores do not meet it."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        os.rename(src, os.path.join(self.directory, f"damaged-{step}-{int(time.time())}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint_moved_aside_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

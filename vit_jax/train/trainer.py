@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import tasks
 from vit_jax.tasks import Task
-from vit_jax.train import checkpointing, optimizer, sharding, stages
+from vit_jax.train import checkpointing, optimizer, sharding, stages, workdir_lock
 from vit_jax.train.metrics_writer import MetricsWriter
 from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
@@ -223,6 +223,11 @@ def train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] 
   ``devices``: the mesh's devices (default: every device of every process). A
   ``config.pretrained`` of "train:configs/NAME.py[:ARG]" trains that stage first
   (``vit_jax.train.stages``)."""
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir, devices)
+
+
+def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] | None) -> dict:
   config = stages.run_stages(config, workdir, lambda c, w: train_and_evaluate(c, w, devices),
                              has_checkpoint)
   setup = make_setup(config, devices)

@@ -1,0 +1,212 @@
+"""Checkpoint integrity: fingerprints independent of the mesh, every corruption of the latest
+checkpoint detected (none loads silently), the previous one restored instead, the same for the
+readers predict.py and visualize.py use."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from vit_jax.checkpoints import readers
+from vit_jax.train import checkpointing, fingerprint
+
+AUTO = jax.sharding.AxisType.Auto
+
+
+def mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(AUTO,) * len(shape))
+
+
+def make_state(seed: int, m) -> dict:
+  rng = np.random.default_rng(seed)
+  w = jax.device_put(rng.normal(size=(16, 24)).astype(np.float32), NamedSharding(m, P("data")))
+  return {"params": {"dense": {"kernel": w, "bias": jnp.asarray(rng.normal(size=(24,)), jnp.bfloat16)}},
+          "model_state": {"bn": {"mean": jnp.asarray(rng.normal(size=(24,)), jnp.float32)}},
+          "opt_state": {"count": jnp.asarray(seed, jnp.int32)}, "step": jnp.asarray(seed, jnp.int32)}
+
+
+def abstract(state, m, spec=P()):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(m, spec)),
+                      state)
+
+
+def equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_fingerprints_do_not_depend_on_the_mesh_and_match_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 8)).astype(np.float32)
+  tree = {"x": x, "i": np.arange(5, dtype=np.int32), "h": np.asarray(x[:2], jnp.bfloat16)}
+  ways = [jax.tree.map(jnp.asarray, tree),
+          {k: jax.device_put(v, NamedSharding(mesh((8,), ("a",)), P("a") if v.shape[0] % 8 == 0 else P()))
+           for k, v in tree.items()},
+          {k: jax.device_put(v, NamedSharding(mesh((2, 4), ("a", "b")), P(None, "b") if v.ndim == 2 and v.shape[1] % 4 == 0 else P()))
+           for k, v in tree.items()}]
+  want = fingerprint.numpy_fingerprints(tree)
+  for t in ways:
+    assert fingerprint.fingerprints(t) == want
+  flipped = x.copy()
+  flipped.view(np.uint32)[3, 5] ^= 1 << 7
+  assert fingerprint.numpy_fingerprints({**tree, "x": flipped})["x"] != want["x"]
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]
+  assert fingerprint.numpy_fingerprints({**tree, "x": swapped})["x"] != want["x"]
+
+
+@pytest.fixture
+def saved(tmp_path):
+  m = mesh((8,), ("data",))
+  directory = str(tmp_path / "checkpoints")
+  ckpt = checkpointing.Checkpointer(directory, async_save=False)
+  states = {s: make_state(s, m) for s in (1, 2)}
+  for s, state in states.items():
+    ckpt.save(s, state, {"signature": {"model": "toy"}, "step": s})
+  ckpt.close()
+  return directory, states
+
+
+def data_files(step_dir: str) -> list[str]:
+  """The array data files of a step (orbax's OCDBT keeps the arrays' bytes under ``d/``)."""
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+           if os.path.isfile(f)]
+  biggest = max(os.path.getsize(f) for f in files)
+  return [f for f in files if os.path.getsize(f) == biggest]
+
+
+def corrupt(step_dir: str, how: str) -> None:
+  if how == "flip":  # bytes inside the arrays' data, the container left intact
+    for path in data_files(step_dir):
+      data = bytearray(open(path, "rb").read())
+      for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xFF
+      open(path, "wb").write(bytes(data))
+  elif how == "truncate":
+    for path in data_files(step_dir):
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  elif how == "delete":
+    for path in data_files(step_dir):
+      os.remove(path)
+  elif how == "metadata":
+    with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+      f.write("{garbled")
+  elif how == "meta_json":
+    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+      f.write("not json")
+  elif how == "stale_arrays":  # valid arrays of another step under this step's metadata
+    other = os.path.join(os.path.dirname(step_dir), "1", "state")
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    shutil.copytree(other, os.path.join(step_dir, "state"))
+  elif how == "fingerprint":  # the arrays read back fine but differ from what was saved
+    path = os.path.join(step_dir, "meta", "metadata")
+    meta = json.load(open(path))
+    key = "params/dense/kernel"
+    meta["fingerprints"][key] = "00000000-00000000-" + meta["fingerprints"][key].split("-")[-1]
+    json.dump(meta, open(path, "w"))
+  else:
+    raise ValueError(how)
+
+
+# flip/truncate/delete: orbax's storage reports the damage; stale_arrays/fingerprint: the arrays
+# read back without error and only the fingerprints tell.
+VARIANTS = ("flip", "truncate", "delete", "metadata", "meta_json", "stale_arrays", "fingerprint")
+
+
+@pytest.mark.parametrize("how", VARIANTS)
+def test_a_damaged_latest_checkpoint_is_never_used(saved, how, caplog):
+  directory, states = saved
+  corrupt(os.path.join(directory, "2"), how)
+  m = mesh((2, 4), ("a", "b"))  # restored onto another mesh: the fingerprints still agree
+  ckpt = checkpointing.Checkpointer(directory, async_save=False)
+  with caplog.at_level(logging.WARNING):
+    state, meta = ckpt.restore(abstract(states[1], m), {"model": "toy"})
+  assert meta["step"] == 1 and equal(state, states[1])
+  assert f"checkpoint {directory}/2 is damaged" in caplog.text
+  assert ckpt.latest_step() == 1
+  assert glob.glob(os.path.join(directory, "damaged-2-*"))
+  # A later save of step 2 (the resumed run reaching it again) is possible.
+  ckpt.save(2, states[2], {"signature": {"model": "toy"}, "step": 2})
+  ckpt.wait()
+  state, meta = ckpt.restore(abstract(states[2], m), {"model": "toy"})
+  assert meta["step"] == 2 and equal(state, states[2])
+  ckpt.close()
+
+
+def test_no_good_checkpoint_is_a_clear_error(saved):
+  directory, states = saved
+  corrupt(os.path.join(directory, "2"), "fingerprint")
+  corrupt(os.path.join(directory, "1"), "delete")
+  ckpt = checkpointing.Checkpointer(directory, async_save=False)
+  with pytest.raises(checkpointing.CheckpointIntegrityError,
+                     match=r"no checkpoint in .* reads back as it was saved: .*/2: 1 arrays differ.*/1: "):
+    ckpt.restore(abstract(states[1], mesh((8,), ("data",))), {"model": "toy"})
+  ckpt.close()
+
+
+def test_an_explicit_damaged_step_is_refused_and_left_in_place(saved):
+  directory, states = saved
+  corrupt(os.path.join(directory, "2"), "fingerprint")
+  ckpt = checkpointing.Checkpointer(directory, async_save=False)
+  with pytest.raises(checkpointing.CheckpointIntegrityError,
+                     match=r"checkpoint .*/2 does not read back as it was saved: 1 arrays differ"):
+    ckpt.restore(abstract(states[2], mesh((8,), ("data",))), {"model": "toy"}, 2, move_aside=False)
+  assert os.path.isdir(os.path.join(directory, "2"))
+  ckpt.close()
+
+
+@pytest.mark.parametrize("how", ["flip", "stale_arrays"])
+def test_the_readers_skip_a_damaged_checkpoint(saved, how, tmp_path):
+  directory, states = saved
+  corrupt(os.path.join(directory, "2"), how)
+  arrays, meta, step_dir = readers.read_orbax(str(tmp_path))  # the workdir
+  assert step_dir.endswith("/1") and meta["step"] == 1
+  np.testing.assert_array_equal(arrays["dense/kernel"], np.asarray(states[1]["params"]["dense"]["kernel"]))
+  with pytest.raises(readers.CheckpointError, match="/2: .*"):
+    readers.read_orbax(os.path.join(directory, "2"))
+  shutil.rmtree(os.path.join(directory, "1"))
+  with pytest.raises(readers.CheckpointError):
+    readers.read_orbax(str(tmp_path))
+
+
+# ------------------------------------------------------------------ one run per workdir
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from vit_jax.train import workdir_lock
+  workdir = str(tmp_path / "work")
+  with workdir_lock.hold(workdir):
+    with pytest.raises(workdir_lock.WorkdirInUseError,
+                       match=rf"the workdir {workdir} is in use by another run \(process {os.getpid()} on "):
+      with workdir_lock.hold(workdir):
+        pass
+  with workdir_lock.hold(workdir):  # released at the end of the block
+    pass
+  # A holder killed with SIGKILL: the kernel drops its lock; the next run takes it over.
+  holder = subprocess.Popen([sys.executable, "-c", (
+      "import sys, time; sys.path.insert(0, %r)\n"
+      "from vit_jax.train import workdir_lock\n"
+      "with workdir_lock.hold(%r):\n  print('held', flush=True); time.sleep(60)") % (
+          os.path.dirname(os.path.dirname(os.path.abspath(__file__))), workdir)],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  with pytest.raises(workdir_lock.WorkdirInUseError, match=f"process {holder.pid} "):
+    with workdir_lock.hold(workdir):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  with workdir_lock.hold(workdir):
+    pass
