@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import tasks
 from vit_jax.tasks import Task
-from vit_jax.train import checkpointing, optimizer, sharding, stages, workdir_lock
+from vit_jax.train import checkpointing, config_checks, optimizer, sharding, stages, workdir_lock
 from vit_jax.train.metrics_writer import MetricsWriter
 from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
@@ -114,6 +114,7 @@ class Setup:
 
 def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
   """Everything but the data: mesh (over ``devices``, default all), shardings, optimizer, steps."""
+  config_checks.check_config(config)
   task = tasks.create(config)
   if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
     raise ValueError(f"grad_accum_steps {config.grad_accum_steps} must be >= 1 and divide "
