@@ -2,7 +2,8 @@
 
 PATH is anything predict.py takes (a workdir of this trainer, one of its checkpoints, a released
 .npz, a timm file; --model NAME where the file does not say); --workdir DIR is the same as
---checkpoint DIR. Writes to DIR, per input image (STEM: its file name without extension):
+--checkpoint DIR (with --config FILE[:ARG], as evaluate.py takes them, checked against the
+checkpoint). Writes to DIR, per input image (STEM: its file name without extension):
 
   classifiers (ViT, hybrids, TNT)
     STEM_rollout.png   the image, the attention rollout and the gradient-weighted rollout of the
@@ -50,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   source = p.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint", help="checkpoint file or directory (as predict.py)")
   source.add_argument("--workdir", help="a training workdir (its latest checkpoint)")
+  p.add_argument("--config", help="with --workdir: the run's config (configs/NAME.py[:ARG]); its "
+                                  "model must be the checkpoint's")
   p.add_argument("--images", nargs="+", required=True, metavar="IMAGE", help="jpg/png files")
   p.add_argument("--out", required=True, metavar="DIR", help="where the PNGs and arrays go")
   p.add_argument("--model", help="model name when the checkpoint does not say, e.g. ViT-B/16")
@@ -240,6 +243,20 @@ def detector_maps(args, model, spec, ckpt, paths: list[str], written: list[str])
   return summary
 
 
+def check_config_matches(config_spec: str, spec) -> None:
+  """Raises a ValueError unless the config's model and classes are the checkpoint's."""
+  from vit_jax.train import stages
+  path = config_spec.partition(":")[0]
+  if not os.path.isfile(path):
+    raise ValueError(f"--config {config_spec!r}: no config file {path!r}")
+  config = stages.load_config(config_spec)
+  theirs = (config.model.name, config.num_classes)
+  if theirs != (spec.name, spec.num_classes):
+    raise ValueError(f"--config {config_spec!r} describes {theirs[0]} with {theirs[1]} classes, but "
+                     f"the checkpoint holds {spec.name} with {spec.num_classes}: give the run's own "
+                     "config, or leave --config out (the checkpoint says what it holds)")
+
+
 def _canvas(args, spec) -> tuple[int, int]:
   if args.canvas:
     try:
@@ -277,6 +294,8 @@ def visualize(argv: list[str]) -> dict:
       raise ValueError(f"cannot read the image {path!r}: no such file")
   spec, ckpt = loading.resolve_model(args.checkpoint or args.workdir, args.model, args.num_classes,
                                      SIZE_OPTIONS)
+  if args.config:
+    check_config_matches(args.config, spec)
   family = models.resolve(spec.name)[0].name
   detector = spec.task == "detection" or family in DETECTORS
   if detector:

@@ -419,6 +419,7 @@ def test_visualize_a_detr_checkpoint(visualize, image_files, tmp_path):
     ("head", "--head 2 is out of range: the model has 2 heads"),
     ("discard", "--discard_ratio 1.5"),
     ("mixer", "has no attention.*ViT"),
+    ("config", "describes ViT-Ti/2 with 10 classes, but the checkpoint holds ViT-B/8 with 3"),
 ])
 def test_visualize_bad_input_is_a_clear_message(visualize, vit_npz, image_files, tmp_path, capsys,
                                                  case, match):
@@ -436,6 +437,8 @@ def test_visualize_bad_input_is_a_clear_message(visualize, vit_npz, image_files,
     args += ["--head", "2"]
   elif case == "discard":
     args += ["--discard_ratio", "1.5"]
+  elif case == "config":
+    args += ["--config", os.path.join(ROOT, "configs/default.py")]
   elif case == "mixer":
     mixer = models.create("Mixer-B/16", num_classes=3, image_size=32, hidden_size=8, num_layers=1,
                           tokens_mlp_dim=4, channels_mlp_dim=8)

@@ -93,8 +93,8 @@ def test_detection_killed_and_restarted_ends_bit_equal(tmp_path, data_dir):
   # visualize.py on the same checkpoint (written by an 8-device run, read on 8 fake devices):
   # the det tokens' attention with their boxes, the layer x head grid, the arrays.
   out = run([sys.executable, os.path.join(ROOT, "visualize.py"), "--workdir", str(workdir),
-             "--images", scenes[0], "--out", str(tmp_path / "maps"), "--threshold", "0",
-             "--fake_devices", "8"])
+             "--config", CONFIG, "--images", scenes[0], "--out", str(tmp_path / "maps"),
+             "--threshold", "0", "--fake_devices", "8"])
   assert out.returncode == 0, out.stderr[-2000:]
   maps = np.load(tmp_path / "maps" / "scene0_maps.npz")
   assert maps["det_attention"].shape == (2, 8, 8, 8)  # [heads, det tokens, rows, cols]
