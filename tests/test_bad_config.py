@@ -58,3 +58,56 @@ def test_a_warmup_longer_than_the_run_is_said(caplog):
   with caplog.at_level(logging.WARNING):
     trainer.make_setup(tiny_config(**{"schedule.warmup_steps": 50}))
   assert "warmup_steps=50 >= total_steps=10" in caplog.text
+
+
+# ------------------------------------------------------------------ random overrides (hypothesis)
+
+import os  # noqa: E402
+
+from absl import flags  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The scalar keys a user overrides (data and model-name keys left out: they open datasets and
+# build other models, tested in test_cli.py and test_config_overrides.py), and two unknown ones.
+FUZZ_KEYS = ("batch_size", "eval_batch_size", "total_steps", "log_every", "eval_every",
+             "checkpoint_every", "keep_checkpoints", "num_classes", "grad_accum_steps", "lr",
+             "seed", "image_size", "mesh", "schedule.name", "schedule.warmup_steps",
+             "schedule.end_lr", "optimizer.name", "optimizer.grad_clip_norm",
+             "optimizer.weight_decay", "model.dtype", "model.hidden_size", "model.num_heads",
+             "model.scan", "model.remat", "model.attention", "label_smoothing", "nosuchkey",
+             "model.nosuch")
+VALUES = st.one_of(st.integers(-3, 300).map(str),
+                   st.one_of(st.floats(-1e3, 1e3), st.just(float("nan"))).map(str),
+                   st.sampled_from(["True", "False", "None", "()", "(8, 8)", "adamw", "sgd", "data=2",
+                                    "fsdp", "bfloat16", "full", "xla", "cosine", "", "'x'", "1e-3"]),
+                   st.text(alphabet="abc019(),|'=-. ", max_size=6))
+
+
+def parse_like_train_py(overrides: list[str]):
+  argv = ["train.py", f"--config={os.path.join(ROOT, 'configs/default.py')}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(FUZZ_KEYS), VALUES), min_size=1, max_size=3))
+def test_random_overrides_set_up_a_run_or_fail_with_one_clear_error(pairs):
+  """What train.py does with the overrides before the data: absl's parsing (its errors are
+  printed as one line by command_line.parse_flags), then the run's set-up, which may only refuse
+  with a ValueError (printed as 'error: ...'); anything else would be a traceback."""
+  try:
+    config = parse_like_train_py([f"--config.{k}={v}" for k, v in pairs])
+  except (AttributeError, KeyError, flags.Error):
+    event("refused by the flag parser")
+    return
+  try:
+    trainer.make_setup(config)
+    event("a run set up")
+  except ValueError as e:
+    assert str(e).strip()
+    event("refused by the set-up")
