@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.checkpoint_damage import VARIANTS, corrupt
 from vit_jax.checkpoints import readers
 from vit_jax.train import checkpointing, fingerprint
 
@@ -76,51 +77,7 @@ def saved(tmp_path):
   return directory, states
 
 
-def data_files(step_dir: str) -> list[str]:
-  """The array data files of a step (orbax's OCDBT keeps the arrays' bytes under ``d/``)."""
-  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-           if os.path.isfile(f)]
-  biggest = max(os.path.getsize(f) for f in files)
-  return [f for f in files if os.path.getsize(f) == biggest]
 
-
-def corrupt(step_dir: str, how: str) -> None:
-  if how == "flip":  # bytes inside the arrays' data, the container left intact
-    for path in data_files(step_dir):
-      data = bytearray(open(path, "rb").read())
-      for i in range(len(data) // 3, len(data) // 3 + 64):
-        data[i] ^= 0xFF
-      open(path, "wb").write(bytes(data))
-  elif how == "truncate":
-    for path in data_files(step_dir):
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-  elif how == "delete":
-    for path in data_files(step_dir):
-      os.remove(path)
-  elif how == "metadata":
-    with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
-      f.write("{garbled")
-  elif how == "meta_json":
-    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
-      f.write("not json")
-  elif how == "stale_arrays":  # valid arrays of another step under this step's metadata
-    other = os.path.join(os.path.dirname(step_dir), "1", "state")
-    shutil.rmtree(os.path.join(step_dir, "state"))
-    shutil.copytree(other, os.path.join(step_dir, "state"))
-  elif how == "fingerprint":  # the arrays read back fine but differ from what was saved
-    path = os.path.join(step_dir, "meta", "metadata")
-    meta = json.load(open(path))
-    key = "params/dense/kernel"
-    meta["fingerprints"][key] = "00000000-00000000-" + meta["fingerprints"][key].split("-")[-1]
-    json.dump(meta, open(path, "w"))
-  else:
-    raise ValueError(how)
-
-
-# flip/truncate/delete: orbax's storage reports the damage; stale_arrays/fingerprint: the arrays
-# read back without error and only the fingerprints tell.
-VARIANTS = ("flip", "truncate", "delete", "metadata", "meta_json", "stale_arrays", "fingerprint")
 
 
 @pytest.mark.parametrize("how", VARIANTS)
