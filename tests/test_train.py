@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,18 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
   other.model.hidden_size = 64
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"another model.*hidden_size"):
     trainer.train_and_evaluate(other, str(tmp_path), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(batch_size=16), "batch_size: the checkpoint's run had 32, the config has 16"),
+    (dict(seed=7), "seed: the checkpoint's run had 0, the config has 7"),
+    (dict(num_data_shards=4), "num_data_shards: the checkpoint's run had None, the config has 4"),
+])
+def test_resuming_with_another_data_order_is_refused(tmp_path_factory, change, named):
+  workdir = tmp_path_factory.mktemp("order")
+  trainer.train_and_evaluate(tiny_config(total_steps=5), str(workdir), jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"would change the order of the training data \(" + re.escape(named)):
+    trainer.train_and_evaluate(tiny_config(total_steps=10, **change), str(workdir), jax.devices()[:1])
 
 
 def test_nested_round_trip():

@@ -159,8 +159,36 @@ def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
 
 
 def _meta(setup: Setup, step: int) -> dict:
-  return {"signature": setup.task.signature(), "step": step, "dataset": setup.config.dataset,
-          "examples_seen": step * setup.config.batch_size}
+  c = setup.config
+  return {"signature": setup.task.signature(), "step": step, "dataset": c.dataset,
+          "examples_seen": step * c.batch_size, "data_order": data_order(c)}
+
+
+def data_order(config: Any) -> dict:
+  """What fixes the order of the training examples from a step on (a resume with other values
+  would silently change it)."""
+  return {"dataset": config.dataset, "train_split": config.train_split,
+          "batch_size": config.batch_size, "seed": config.seed,
+          "num_data_shards": config.num_data_shards or None}
+
+
+def check_data_order(meta: dict, config: Any, where: str) -> None:
+  """Raises a ValueError naming what differs when resuming ``config`` would not continue the
+  checkpoint's data order (older checkpoints: dataset and batch size from their meta)."""
+  saved = meta.get("data_order")
+  if saved is None:  # written before data_order was recorded
+    step = meta.get("step") or 0
+    saved = {"dataset": meta["dataset"]} if meta.get("dataset") else {}
+    if step and meta.get("examples_seen") is not None:
+      saved["batch_size"] = meta["examples_seen"] // step
+  wanted = data_order(config)
+  diffs = [f"{k}: the checkpoint's run had {saved[k]!r}, the config has {wanted[k]!r}"
+           for k in saved if k in wanted and saved[k] != wanted[k]]
+  if diffs:
+    raise ValueError(
+        f"resuming {where} with this config would change the order of the training data ("
+        + "; ".join(diffs) + "). Resume with the run's own values, or start a new run in a fresh "
+        "--workdir (config.pretrained can start it from this one's checkpoint).")
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -172,7 +200,8 @@ def has_checkpoint(workdir: str) -> bool:
 def restore_or_init(setup: Setup, ckpt: checkpointing.Checkpointer) -> TrainState:
   if ckpt.latest_step() is None:
     return setup.init_state()
-  state, _ = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature())
+  state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature())
+  check_data_order(meta, setup.config, f"{ckpt.directory} at step {meta.get('step')}")
   return state
 
 
