@@ -21,6 +21,9 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "no
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    "peer_timeout", 60, "Multi-process runs: seconds without a heartbeat from a process before the "
+    "others count it as dead and exit with an error (instead of waiting in a collective).")
 flags.mark_flag_as_required("config")
 
 
@@ -40,7 +43,8 @@ def main(argv):
     raise app.UsageError("--workdir is required (except with --dry_run)")
   from vit_jax.train import distributed, trainer
   try:
-    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                           _PROCESS_ID.value, _PEER_TIMEOUT.value)
     final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, trainer.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -89,3 +89,29 @@ def test_two_processes_match_one(tmp_path):
       assert np.max(np.abs(got[k] - ref[k])) < 1e-5, k
     else:
       assert np.linalg.norm(got[k] - ref[k]) <= 1e-5 * np.linalg.norm(ref[k]) + 1e-12, k
+
+
+def test_a_dead_peer_ends_the_other_process_within_the_peer_timeout(tmp_path):
+  import signal
+  import time
+  port = free_port()
+  extra = ["--config.total_steps=400", "--config.log_every=1", "--config.checkpoint_every=100",
+           "--config.eval_every=400", "--peer_timeout=10"]
+  procs = [subprocess.Popen(cmd(tmp_path / "two", "--distributed=explicit",
+                                f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                f"--process_id={i}", *extra),
+                            env=env(4), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+           for i in range(2)]
+  metrics = tmp_path / "two" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.time()
+  _, err = procs[0].communicate(timeout=120)
+  waited = time.time() - killed
+  procs[1].wait()
+  assert procs[0].returncode != 0
+  assert waited < 10 + 20, waited  # the peer timeout, and slack for this busy machine
+  assert "another task died" in err, err[-2000:]
