@@ -20,7 +20,6 @@ import os
 import sys
 
 import numpy as np
-from absl import app, logging
 
 from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
 from vit_jax.data.image_files import fit_to_canvas, load_image  # PIL and numpy only
@@ -177,29 +176,8 @@ def predict(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    predict(sys.argv[1:] if argv is None else argv)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl parses the process flags; predict's own options (and --help) are left to parse_args."""
-  if any(a in HELP_FLAGS for a in argv[1:]):
-    parse_args(["--help"])  # prints the options and the process flags, and exits
-  return command_line.parse_flags(argv, known_only=True)
-
-
-def _run(argv: list[str]) -> int:
-  logging.set_verbosity(logging.WARNING)  # as before app.run: no INFO lines from the libraries
-  return main(argv[1:])  # argv: the program, then what absl left
+  return command_line.exit_code(predict, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-  command_line.prepare_process(sys.argv)  # before JAX starts; may re-execute this program
-  app.run(_run, flags_parser=_parse_flags)
+  command_line.run_argparse_script(main, parse_args)

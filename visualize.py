@@ -33,7 +33,6 @@ import os
 import sys
 
 import numpy as np
-from absl import app, logging
 
 from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
 from vit_jax.data.image_files import fit_to_canvas, load_image  # PIL and numpy only
@@ -323,28 +322,8 @@ def visualize(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    visualize(sys.argv[1:] if argv is None else argv)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
-
-
-HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  if any(a in HELP_FLAGS for a in argv[1:]):
-    parse_args(["--help"])
-  return command_line.parse_flags(argv, known_only=True)
-
-
-def _run(argv: list[str]) -> int:
-  logging.set_verbosity(logging.WARNING)
-  return main(argv[1:])
+  return command_line.exit_code(visualize, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-  command_line.prepare_process(sys.argv)
-  app.run(_run, flags_parser=_parse_flags)
+  command_line.run_argparse_script(main, parse_args)

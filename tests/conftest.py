@@ -31,3 +31,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+  """Two random RGB images as files: a 40x50 JPEG and a 32x32 PNG."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  paths = []
+  for i, size in enumerate([(40, 50), (32, 32)]):
+    path = tmp_path / f"img{i}.{'png' if i else 'jpg'}"
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    paths.append(str(path))
+  return paths

@@ -341,18 +341,6 @@ def visualize():
   return module
 
 
-@pytest.fixture
-def image_files(tmp_path):
-  from PIL import Image
-  rng = np.random.default_rng(1)
-  paths = []
-  for i, size in enumerate([(40, 50), (32, 32)]):
-    path = tmp_path / f"img{i}.{'png' if i else 'jpg'}"
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
-    paths.append(str(path))
-  return paths
-
-
 @pytest.fixture(scope="module")
 def vit_npz(tmp_path_factory):
   model = random_model("vit_token")

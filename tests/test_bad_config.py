@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.train_configs import tiny_config
+from tests.train_configs import parse_like_train_py, tiny_config
 from vit_jax.train import trainer
 
 CASES = [
@@ -62,13 +62,10 @@ def test_a_warmup_longer_than_the_run_is_said(caplog):
 
 # ------------------------------------------------------------------ random overrides (hypothesis)
 
-import os  # noqa: E402
 
 from absl import flags  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scalar keys a user overrides (data and model-name keys left out: they open datasets and
 # build other models, tested in test_cli.py and test_config_overrides.py), and two unknown ones.
 FUZZ_KEYS = ("batch_size", "eval_batch_size", "total_steps", "log_every", "eval_every",
@@ -85,15 +82,6 @@ VALUES = st.one_of(st.integers(-3, 300).map(str),
                    st.text(alphabet="abc019(),|'=-. ", max_size=6))
 
 
-def parse_like_train_py(overrides: list[str]):
-  argv = ["train.py", f"--config={os.path.join(ROOT, 'configs/default.py')}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(FUZZ_KEYS), VALUES), min_size=1, max_size=3))
 def test_random_overrides_set_up_a_run_or_fail_with_one_clear_error(pairs):
@@ -101,7 +89,7 @@ def test_random_overrides_set_up_a_run_or_fail_with_one_clear_error(pairs):
   printed as one line by command_line.parse_flags), then the run's set-up, which may only refuse
   with a ValueError (printed as 'error: ...'); anything else would be a traceback."""
   try:
-    config = parse_like_train_py([f"--config.{k}={v}" for k, v in pairs])
+    config = parse_like_train_py("configs/default.py", [f"--config.{k}={v}" for k, v in pairs])
   except (AttributeError, KeyError, flags.Error):
     event("refused by the flag parser")
     return

@@ -12,8 +12,7 @@ import re
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from tests.train_configs import parse_like_train_py
 
 from tests.config_docs import ROOT, documented
 from vit_jax import models
@@ -80,12 +79,7 @@ def shrink_detection(config) -> None:
 
 def parse(spec: str, overrides: tuple[str, ...]):
   """The config as train.py's flag parser builds it."""
-  argv = ["train.py", f"--config={os.path.join(ROOT, spec)}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
+  return parse_like_train_py(spec, overrides)
 
 
 def shrink(config, *, batch: int = 8):

@@ -8,11 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from tests.checkpoint_reading import read_state
 from tests.conftest import subprocess_xla_flags
+from tests.train_configs import parse_like_train_py
 from vit_jax.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +42,7 @@ def cmd(workdir, *extra):
 
 def single_process_config(workdir):
   """The config ``cmd`` gives train.py, parsed as train.py parses it."""
-  argv = ["train.py", f"--config={os.path.join(ROOT, 'configs/default.py')}",
-          *[a for a in cmd(workdir) if a.startswith("--config.")]]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
+  return parse_like_train_py("configs/default.py", [a for a in cmd(workdir) if a.startswith("--config.")])
 
 
 def test_two_processes_match_one(tmp_path):

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 import predict
 from vit_jax import checkpoints, models
@@ -24,17 +23,6 @@ def tiny_model(num_classes: int, seed: int = 0):
             for k, v in param_tree.model_arrays(model, ["Transformer/blocks"]).items()}
   param_tree.assign(model, arrays, ["Transformer/blocks"])
   return model
-
-
-@pytest.fixture
-def image_files(tmp_path):
-  rng = np.random.default_rng(1)
-  paths = []
-  for i, size in enumerate([(40, 50), (32, 32)]):
-    path = tmp_path / f"img{i}.{'png' if i else 'jpg'}"
-    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
-    paths.append(str(path))
-  return paths
 
 
 def expected_top5(model, paths):

@@ -1,6 +1,25 @@
-"""Tiny configs for the training tests (derived from configs/default.py)."""
+"""Tiny configs for the training tests (derived from configs/default.py), and configs parsed as
+train.py parses them."""
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
 
 from configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_like_train_py(spec: str, overrides=()):
+  """The config ``train.py --config=SPEC OVERRIDES...`` builds (``spec`` relative to the
+  repository, e.g. ``configs/default.py:ARG``)."""
+  argv = ["train.py", f"--config={os.path.join(ROOT, spec)}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
 
 
 def tiny_config(**overrides):

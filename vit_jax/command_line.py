@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import textwrap
-from typing import Sequence
+from typing import Callable, Sequence
 
 from absl import flags
 
@@ -182,3 +182,37 @@ def parse_flags(argv: list[str], known_only: bool = False) -> list[str]:
       _usage_error(f"--{name} is applied before flags are parsed: give it on the command line, "
                    "not in a --flagfile")
   return rest
+
+
+# Command lines with their own argparse options beside the process flags (predict.py, visualize.py).
+HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def exit_code(run: Callable[[list[str]], object], argv: list[str]) -> int:
+  """``run(argv)``; a ValueError or FileNotFoundError becomes one ``error: ...`` line and 1."""
+  try:
+    run(argv)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def run_argparse_script(main: Callable[[list[str]], int],
+                        parse_args: Callable[[list[str]], object]) -> None:
+  """The ``__main__`` of such a script: the process set-up (before JAX starts; may re-execute
+  the program), absl parsing the process flags, ``parse_args`` the script's own options (and
+  --help), then ``main`` on what absl left, with the libraries' INFO lines off."""
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+
+  def flags_parser(argv: list[str]) -> list[str]:
+    if any(a in HELP_FLAGS for a in argv[1:]):
+      parse_args(["--help"])  # prints the options and the process flags, and exits
+    return parse_flags(argv, known_only=True)
+
+  def run(argv: list[str]) -> int:
+    logging.set_verbosity(logging.WARNING)
+    return main(argv[1:])  # argv: the program, then what absl left
+
+  prepare_process(sys.argv)
+  app.run(run, flags_parser=flags_parser)
