@@ -54,7 +54,7 @@ def corrupt(step_dir: str, how: str) -> None:
     path = os.path.join(step_dir, "meta", "metadata")
     meta = json.load(open(path))
     key = sorted(k for k in meta["fingerprints"] if k.startswith("params/"))[0]
-    meta["fingerprints"][key] = "00000000-00000000-" + meta["fingerprints"][key].split("-")[-1]
+    meta["fingerprints"][key] = "v2:00000000-00000000-" + meta["fingerprints"][key].split("-")[-1]
     json.dump(meta, open(path, "w"))
   else:
     raise ValueError(how)

@@ -65,6 +65,24 @@ def test_fingerprints_do_not_depend_on_the_mesh_and_match_numpy():
   assert fingerprint.numpy_fingerprints({**tree, "x": swapped})["x"] != want["x"]
 
 
+def test_the_cpu_fold_and_the_accelerators_reduction_give_the_same_fingerprints():
+  rng = np.random.default_rng(1)
+  tree = {"rows_odd": rng.normal(size=(3, 4096 * 5 + 77)).astype(np.float32),  # 15 rows + a tail
+          "rows_even": rng.normal(size=(4096 * 8,)).astype(np.float32),
+          "short": rng.normal(size=(9000,)).astype(jnp.bfloat16), "bool": rng.normal(size=5000) > 0,
+          "scalar": np.int32(7), "bytes": rng.integers(0, 255, size=(70, 90), dtype=np.uint8)}
+  want = fingerprint.numpy_fingerprints(tree)
+  on_devices = jax.tree.map(jnp.asarray, tree)
+  assert fingerprint.fingerprints(on_devices, folded=True) == want
+  assert fingerprint.fingerprints(on_devices, folded=False) == want
+  # A checkpoint written by the first scheme (no "v2:"; its first sum is this one's) still passes.
+  first_scheme = {k: v[3:].split("-")[0] + "-0badc0de-" + v.split("-")[-1] for k, v in want.items()}
+  assert fingerprint.differences(first_scheme, want) == []
+  first_scheme["short"] = "00000000-0badc0de-9000"
+  assert fingerprint.differences(first_scheme, want) == [
+      f"short: fingerprint {want['short']} != saved 00000000-0badc0de-9000"]
+
+
 @pytest.fixture
 def saved(tmp_path):
   m = mesh((8,), ("data",))
