@@ -22,8 +22,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _PEER_TIMEOUT = flags.DEFINE_integer(
-    "peer_timeout", 60, "Multi-process runs: seconds without a heartbeat from a process before the "
-    "others count it as dead and exit with an error (instead of waiting in a collective).")
+    "peer_timeout", 60, "Multi-process runs: a process silent for half this many seconds counts as "
+    "dead and the others exit with an error naming it (instead of waiting in a collective); JAX's "
+    "own heartbeat ends them at the full timeout.")
 flags.mark_flag_as_required("config")
 
 
@@ -41,12 +42,22 @@ def main(argv):
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (except with --dry_run)")
-  from vit_jax.train import distributed, trainer
+  from vit_jax.train import disk_space, distributed, peer_watch, trainer
+  disk_space.report_once()
   try:
     distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                            _PROCESS_ID.value, _PEER_TIMEOUT.value)
-    final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, trainer.NonFiniteLossError) as e:
+    watch = peer_watch.PeerWatch(_PEER_TIMEOUT.value).start()
+    try:
+      final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except Exception as e:  # pylint: disable=broad-except
+      if peer_watch.lost_peer(e):
+        peer_watch.end("a collective failed because another process of the run went away ("
+                       + (str(e).strip().splitlines() or [""])[0][:200] + ")")
+      raise
+    finally:
+      watch.stop()
+  except (ValueError, trainer.NonFiniteLossError, disk_space.DiskFullError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if final.get("preempted"):

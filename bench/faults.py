@@ -53,9 +53,14 @@ def env() -> dict:
   return e
 
 
-def command(workdir: str) -> list[str]:
-  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
-          os.path.join(ROOT, "configs/default.py"), "--workdir", workdir, *TINY]
+def command(workdir: str, *, skip_space_check: bool = False) -> list[str]:
+  train = [os.path.join(ROOT, "train.py")]
+  if skip_space_check:  # the disk fills between the check before a save and the write
+    train = ["-c", "import runpy, shutil, sys; "
+             "shutil.disk_usage = lambda p: shutil._ntuple_diskusage(1 << 50, 0, 1 << 50); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", train[0]]
+  return [sys.executable, *train, "--config", os.path.join(ROOT, "configs/default.py"),
+          "--workdir", workdir, *TINY]
 
 
 def run(workdir: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -181,6 +186,118 @@ def trial_double(root: str, reference: dict) -> dict:
   return trial
 
 
+def _free(path: str) -> int:
+  st = os.statvfs(path)
+  return st.f_bavail * st.f_frsize
+
+
+def fill(mount: str, leave: int) -> None:
+  """Writes a filler file until ``leave`` bytes remain free."""
+  with open(os.path.join(mount, "filler"), "ab") as f:
+    try:
+      f.write(b"\0" * max(0, _free(mount) - leave))
+    except OSError:
+      pass
+
+
+def trial_full_disk(root: str, reference: dict, how: str) -> dict:
+  """A run on its own size-limited filesystem (a tmpfs, mounted here), filled up while it trains:
+  ``before``: after its first checkpoint, leaving 256 KB (less than a checkpoint); ``during``:
+  the moment orbax's temporary directory of a save appears, leaving nothing. The run must stop
+  with one clear message, its previous checkpoint intact; with the space freed, the same command
+  must end bit-equal to the uninterrupted run."""
+  mount = os.path.join(root, f"full-{how}")
+  os.makedirs(mount)
+  trial = {"trial": f"full-disk-{how}", "fault": "disk filled " + {
+      "before": "after the first checkpoint", "during": "while a checkpoint is written",
+      "unchecked": "after the first checkpoint, the check before saving skipped"}[how]}
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mount],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    return {**trial, "ok": False, "not_run": f"cannot mount a tmpfs here: {mounted.stderr.strip()}"}
+  try:
+    workdir = os.path.join(mount, "run")
+    proc = subprocess.Popen(command(workdir, skip_space_check=how == "unchecked"), env=env(),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start, deadline = time.time(), time.time() + 600
+    ready = ((lambda: checkpoint_steps(workdir)) if how != "during" else
+             (lambda: checkpoint_steps(workdir) and write_in_flight(workdir)))
+    while not ready() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.002)
+    trial.update(at_s=round(time.time() - start, 2), step_before=last_logged_step(workdir),
+                 write_in_flight=write_in_flight(workdir), checkpoints_before=checkpoint_steps(workdir))
+    fill(mount, 0 if how == "during" else 256 * 1024)
+    _, err = proc.communicate(timeout=600)
+    lines = [l for l in err.splitlines() if l.strip()]
+    trial["stderr_head"] = [l[:160] for l in lines if "port.cc" not in l and "absl::InitializeLog" not in l][:12]
+    trial.update(returncode=proc.returncode, said=(lines or [""])[-1][:400],
+                 traceback="Traceback" in err, stderr_lines=len(lines))
+    os.remove(os.path.join(mount, "filler"))
+    trial = finish(workdir, reference, trial)
+    trial["ok"] = (trial["bit_equal"] and proc.returncode == 1 and not trial["traceback"]
+                   and trial["said"].startswith("error: ") and "no space" in trial["said"]
+                   and "is intact" in trial["said"])
+    return trial
+  finally:
+    subprocess.run(["umount", mount], capture_output=True)
+
+
+PEER_TIMEOUT = 10
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def trial_dead_peer(root: str, victim: int, sig: int = signal.SIGKILL) -> dict:
+  """A two-process run (one CPU device each, explicit start on localhost, --peer_timeout=10),
+  process ``victim`` SIGKILLed (or SIGSTOPped: a hung process) after a few steps: the survivor
+  must exit 1 within half the peer timeout (plus slack) with one line naming what happened, and
+  the same two commands again must resume from the last checkpoint and finish."""
+  how = "killed" if sig == signal.SIGKILL else "stopped"
+  workdir = os.path.join(root, f"dead-peer-{victim}-{how}")
+
+  def start(i: int, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        command(workdir) + ["--distributed=explicit", f"--coordinator_address=localhost:{port}",
+                            "--num_processes=2", f"--process_id={i}", f"--peer_timeout={PEER_TIMEOUT}",
+                            "--config.total_steps=200", "--config.eval_every=200",
+                            "--config.checkpoint_every=10"],
+        env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  port = _free_port()
+  procs = [start(i, port) for i in range(2)]
+  deadline = time.time() + 300
+  while ((last_logged_step(workdir) < 12 or not checkpoint_steps(workdir))
+         and all(p.poll() is None for p in procs) and time.time() < deadline):
+    time.sleep(0.05)
+  trial = {"trial": f"peer-{victim}-{how}",
+           "fault": f"process {victim} of 2 {signal.Signals(sig).name}ed",
+           "step_before": last_logged_step(workdir)}
+  procs[victim].send_signal(sig)
+  killed = time.time()
+  survivor = procs[1 - victim]
+  _, err = survivor.communicate(timeout=300)
+  procs[victim].kill()
+  procs[victim].communicate()
+  lines = [l for l in err.splitlines() if l.strip() and "port.cc" not in l and "InitializeLog" not in l]
+  trial.update(survivor_exit_s=round(time.time() - killed, 1), survivor_returncode=survivor.returncode,
+               said=(lines or [""])[-1][:300], traceback="Traceback" in err)
+  port = _free_port()
+  again = [start(i, port) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in again]
+  trial["restart_returncodes"] = [p.returncode for p in again]
+  trial["resumed"] = [l for l in outs[0].splitlines() if "resumed from step" in l][:1]
+  trial["ok"] = (survivor.returncode == 1 and trial["survivor_exit_s"] < PEER_TIMEOUT / 2 + 10
+                 and trial["said"].startswith("error: ") and not trial["traceback"]
+                 and trial["restart_returncodes"] == [0, 0] and bool(trial["resumed"])
+                 and last_logged_step(workdir) == 200)
+  return trial
+
+
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--trials", type=int, default=20, help="SIGKILL trials")
@@ -189,6 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
                  help="damage variants for the corrupt trials, comma-separated, 'all' or 'none' "
                       "(tests/checkpoint_damage.py)")
   p.add_argument("--no-double", action="store_true", help="skip the double-run trial")
+  p.add_argument("--full-disk", default="before,during,unchecked",
+                 help="full-disk trials, comma-separated: before, during, unchecked, or none")
+  p.add_argument("--dead-peer", default="1,0,1s",
+                 help="dead-peer trials: which process of two to SIGKILL (N) or SIGSTOP (Ns), "
+                      "comma-separated, or none")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None)
   p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary dir)")
@@ -219,6 +341,11 @@ def main(argv: list[str] | None = None) -> dict:
     trials += trial_corrupt(root, duration, reference, rng, variants)
   if not args.no_double:
     trials.append(trial_double(root, reference))
+  for how in [h for h in args.full_disk.split(",") if h and h != "none"]:
+    trials.append(trial_full_disk(root, reference, how))
+  for victim in [v for v in args.dead_peer.split(",") if v and v != "none"]:
+    trials.append(trial_dead_peer(root, int(victim.rstrip("s")),
+                                  signal.SIGSTOP if victim.endswith("s") else signal.SIGKILL))
   for tr in trials:
     where = (f"at {tr['at_s']:5.2f} s (after step {tr['step_before']}"
              + (", a checkpoint write in flight" if tr.get("write_in_flight") else "") + ")"

@@ -185,3 +185,35 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_killed_one_leaves_no_lock(tm
   holder.wait()
   with workdir_lock.hold(workdir):
     pass
+
+
+def test_a_save_that_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  import shutil
+  from vit_jax.train import disk_space
+  state = {"w": jnp.ones((256, 256), jnp.float32)}  # 256 KB
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "c"), keep=3)
+  ckpt.save(1, state, {"step": 1})
+  ckpt.wait()
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=(1 << 20) + 1000))
+  with pytest.raises(disk_space.DiskFullError, match=(
+      r"no space for the checkpoint of step 2 in .*/c: it needs about 1.2 MB, 1.0 MB free. The "
+      r"last complete checkpoint, step 1, is intact. Free some space")):
+    ckpt.save(2, state, {"step": 2})
+  assert sorted(os.listdir(tmp_path / "c")) == ["1"]
+  monkeypatch.setattr(shutil, "disk_usage", real)
+  ckpt.save(2, state, {"step": 2})  # room again: saved
+  ckpt.wait()
+  assert ckpt.manager.all_steps() == [1, 2]
+  ckpt.close()
+
+
+def test_out_of_space_errors_are_recognised_through_their_chain():
+  import errno
+  from vit_jax.train import disk_space
+  assert disk_space.is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = ValueError("RESOURCE_EXHAUSTED: Failed to write 237 bytes to file 10: No "
+                                 "space left on device [os_error_code='28']")
+  assert disk_space.is_disk_full(wrapped)
+  assert not disk_space.is_disk_full(OSError(errno.EACCES, "Permission denied"))

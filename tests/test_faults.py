@@ -1,5 +1,7 @@
 """The quick form of bench/faults.py: a SIGKILL at a random moment, a damaged latest checkpoint,
-and a second run on a workdir in use, each ending bit-equal to the uninterrupted run."""
+a second run on a workdir in use, and a disk that fills while a checkpoint is written (a tmpfs
+mounted for it), each ending bit-equal to the uninterrupted run. (Dead and hung peers:
+tests/test_multiprocess.py.)"""
 
 import os
 import sys
@@ -12,8 +14,9 @@ import faults  # noqa: E402  (bench/faults.py)
 
 def test_faults_quick_form(tmp_path):
   result = faults.main(["--trials", "1", "--sigterm", "0", "--damage", "stale_arrays",
-                        "--seed", "3", "--workdir", str(tmp_path)])
+                        "--seed", "3", "--full-disk", "unchecked", "--dead-peer", "none",
+                        "--workdir", str(tmp_path)])
   names = [t["trial"] for t in result["trials"]]
-  assert names == ["sigkill-0", "corrupt-stale_arrays", "double"]
+  assert names == ["sigkill-0", "corrupt-stale_arrays", "double", "full-disk-unchecked"]
   failed = [t for t in result["trials"] if not t["ok"]]
   assert not failed, failed

@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from vit_jax.train import fingerprint
+from vit_jax.train import disk_space, fingerprint
 
 
 class CheckpointMismatchError(ValueError):
@@ -72,15 +72,41 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
+    self._pending: int | None = None  # the step being written
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts writing ``step`` (asynchronously). Raises DiskFullError, having written nothing,
+    when the state would not fit, or when the previous save failed for lack of space."""
     nested = to_nested(state)
+    self.wait()  # the previous save, finished: its space counted, its failure reported
+    needed = sum(x.dtype.itemsize * x.size for x in jax.tree.leaves(nested))
+    disk_space.ensure_room(self.directory, needed, f"the checkpoint of step {step}",
+                           self.last_complete_note())
     meta = {**meta, "fingerprints": fingerprint.fingerprints(nested)}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(nested), meta=ocp.args.JsonSave(meta)))
+    self._pending = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(nested), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_full(e, f"the checkpoint of step {step}")
+      raise
+
+  def last_complete_note(self) -> str:
+    """Which checkpoint a failed save leaves to resume from, in a sentence."""
+    steps = [s for s in self.manager.all_steps() if s != self._pending]
+    return (f"The last complete checkpoint, step {max(steps)}, is intact." if steps else
+            "No checkpoint has been written yet.")
+
+  def _raise_if_full(self, e: BaseException, what: str) -> None:
+    if disk_space.is_disk_full(e):
+      self.manager.reload()
+      raise disk_space.DiskFullError(
+          f"{what} could not be written to {self.directory}: no space left on device. "
+          f"{self.last_complete_note()} Free some space (or point --workdir elsewhere) and run the same "
+          "command to resume.") from None
 
   def read_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -149,7 +175,13 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; DiskFullError when it failed for lack of space."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_if_full(e, f"the checkpoint of step {self._pending}")
+      raise
+    self._pending = None
 
   def close(self) -> None:
     self.manager.close()

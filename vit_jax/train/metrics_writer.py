@@ -27,7 +27,9 @@ class MetricsWriter:
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_partial_last_line(path)
+      self._file = open(path, "a")
       self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
     self._t0 = PROCESS_START
     self._last = (None, None)
@@ -68,11 +70,42 @@ class MetricsWriter:
       print(("\n" if self.tty else "") + message, flush=True)
 
   def close(self) -> None:
-    if self.enabled:
-      if self.tty:
-        print()
-      self._file.close()
+    if not self.enabled:
+      return
+    if self.tty:
+      print()
+    errors = []
+    for close in (self._file.close, self._close_tensorboard):
+      try:
+        close()
+      except OSError as e:  # a full disk: the caller reports it
+        errors.append(e)
+    if errors:
+      raise errors[0]
+
+  def _close_tensorboard(self) -> None:
+    try:
       self._tb.close()
+    except OSError:
+      # Its writer thread is stopped and the files marked closed, or tensorboardX would close
+      # them again at exit and print the same error with a traceback.
+      for file_writer in (self._tb.all_writers or {}).values():
+        events = file_writer.event_writer
+        if getattr(events, "_worker", None) is not None:
+          events._worker.stop()  # pylint: disable=protected-access
+        events._closed = True  # pylint: disable=protected-access
+      raise
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """Cuts a record a killed run or a full disk left half-written, so that the file stays one
+  JSON record per line."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
 
 
 def _summary_writer_class() -> type:

@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vit_jax import tasks
 from vit_jax.tasks import Task
-from vit_jax.train import checkpointing, config_checks, optimizer, sharding, stages, workdir_lock
+from vit_jax.train import (checkpointing, config_checks, disk_space, optimizer, sharding, stages,
+                           workdir_lock)
 from vit_jax.train.metrics_writer import MetricsWriter
 from vit_jax.train.preemption import PreemptionGuard
 from vit_jax.train.state import TrainState
@@ -246,6 +248,18 @@ def _check_finite(loss: float, step: int, last_ckpt: int | None) -> None:
         f"set optimizer.grad_clip_norm.")
 
 
+def _shut_down(close, failing: bool) -> None:
+  """Runs one clean-up; while another error is on its way out, a failing clean-up (say a log
+  that cannot be flushed to a full disk) is logged instead of replacing that error."""
+  if not failing:
+    close()
+    return
+  try:
+    close()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("while stopping: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] | None = None
                        ) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its last checkpoint. Returns the final eval.
@@ -283,7 +297,7 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
     writer.log(f"resumed from step {start} in {workdir}")
   writer.start_clock(start)
   guard = PreemptionGuard()
-  final = {}
+  final, failing = {}, True
   try:
     for step in range(start + 1, config.total_steps + 1):
       state, metrics = train_step(state, setup.global_batch(next(batches)))
@@ -307,14 +321,21 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
       if preempted:
         writer.log(f"SIGTERM: saved a checkpoint at step {step} in {workdir}; re-run the same "
                    "command to resume")
+        failing = False
         return {"step": step, "preempted": True}
     if not final:  # resumed at the end: evaluate what is there
       final = evaluate(setup, state, eval_step)
+    failing = False
+  except OSError as e:
+    if disk_space.is_disk_full(e):
+      raise disk_space.DiskFullError(
+          f"no space left on device writing {e.filename or 'to ' + workdir}. "
+          f"{ckpt.last_complete_note()} Free some space (or point --workdir elsewhere) and run "
+          "the same command to resume.") from None
+    raise
   finally:
-    guard.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    for close in (guard.close, ckpt.wait, ckpt.close, writer.close):
+      _shut_down(close, failing)
   final = {"step": config.total_steps, **final}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
