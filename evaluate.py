@@ -30,10 +30,10 @@ flags.mark_flag_as_required("config")
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    command_line.usage_error(f"unexpected arguments {argv[1:]}: evaluate.py takes only flags")
   from vit_jax.train import checkpointing, trainer
   if not _WORKDIR.value and not _CHECKPOINT.value:
-    raise app.UsageError("give --workdir (latest checkpoint) or --checkpoint PATH")
+    command_line.usage_error("give --workdir (latest checkpoint) or --checkpoint PATH")
   if _CHECKPOINT.value:
     path = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
     directory, step = os.path.dirname(path), os.path.basename(path)

@@ -31,7 +31,8 @@ flags.mark_flag_as_required("config")
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    command_line.usage_error(f"unexpected arguments {argv[1:]}: train.py takes only flags "
+                             "(--config, --workdir, --config.KEY=VALUE, ...)")
   if _DRY_RUN.value:
     from vit_jax.train import dry_run
     try:
@@ -41,7 +42,7 @@ def main(argv):
       sys.exit(1)
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (except with --dry_run)")
+    command_line.usage_error("--workdir is required (except with --dry_run)")
   from vit_jax.train import disk_space, distributed, peer_watch, trainer
   disk_space.report_once()
   try:

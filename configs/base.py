@@ -30,6 +30,13 @@ def model_block(**values) -> ml_collections.ConfigDict:
   return c
 
 
+def takes_no_argument(arg: str | None, path: str) -> None:
+  """For a config without variants: ``--config FILE:ARG`` is refused, not ignored."""
+  if arg:
+    name = "configs/" + path.replace("\\", "/").rsplit("/", 1)[-1]
+    raise ValueError(f"{name} takes no argument (as in --config {name}), got {arg!r}")
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"         # a registered task (vit_jax/tasks/): classification | detection

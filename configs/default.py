@@ -11,7 +11,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  base.takes_no_argument(arg, __file__)
   c = base.get_config()
   c.dataset = "sklearn_digits"
   c.num_classes = 10

@@ -17,11 +17,11 @@ Reaches: 98.0% top-1 on the 300 held-out digits after 300 steps (about 1 min on 
 
 import ml_collections
 
-from configs import default
+from configs import base, default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  base.takes_no_argument(arg, __file__)
   c = default.get_config()
   c.pretrained = "workdirs/default"  # the default run's workdir (its latest checkpoint)
   c.pretrained_options.update(format="auto", load=[".*"], init=["head/.*"])

@@ -75,7 +75,8 @@ def _argv_value(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def _usage_error(message: str) -> None:
+def usage_error(message: str) -> None:
+  """One ``error:`` line and exit code 2 (absl's UsageError would print the whole help first)."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 
@@ -97,16 +98,16 @@ def prepare_process(argv: Sequence[str]) -> None:
   preset = DEFAULT_XLA_PRESET if preset is None else preset
   fake_devices = _argv_value(argv, "fake_devices")
   if policy not in host_memory.POLICIES:
-    _usage_error(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
+    usage_error(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
   if preset not in xla_presets.PRESETS:
-    _usage_error(f"--xla_preset {preset!r} is not one of {sorted(xla_presets.PRESETS)}")
+    usage_error(f"--xla_preset {preset!r} is not one of {sorted(xla_presets.PRESETS)}")
   if fake_devices is not None:
     try:
       fake_devices = int(fake_devices)
     except ValueError:
       fake_devices = 0
     if fake_devices < 1:
-      _usage_error(f"--fake_devices {_argv_value(argv, 'fake_devices')!r} is not a positive integer")
+      usage_error(f"--fake_devices {_argv_value(argv, 'fake_devices')!r} is not a positive integer")
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   host_memory.apply(policy)  # may replace this process with a new one that starts over
@@ -174,14 +175,36 @@ def parse_flags(argv: list[str], known_only: bool = False) -> list[str]:
       keys = _config_keys(argv)
       print(f"error: unknown config key {name!r} in {' '.join(bad)}. Valid keys: {', '.join(keys)}",
             file=sys.stderr)
+    elif "Traceback (most recent call last)" in str(e):  # ml_collections: a config file that raised
+      flag = str(e).split(": ", 1)[0].removeprefix("flag ")
+      last = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+      print(f"error: {flag}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}", file=sys.stderr)
     else:
       print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if "config" in flags.FLAGS and flags.FLAGS["config"].present:
+    _load_config(flags.FLAGS["config"])
   for name, value in (_applied or {}).items():
     if name in flags.FLAGS and flags.FLAGS[name].value != value:
-      _usage_error(f"--{name} is applied before flags are parsed: give it on the command line, "
+      usage_error(f"--{name} is applied before flags are parsed: give it on the command line, "
                    "not in a --flagfile")
   return rest
+
+
+def _load_config(flag) -> None:
+  """Loads ``--config FILE[:ARG]`` now (ml_collections loads it lazily, inside ``main``), so a
+  missing file or a refused argument is one line and exit code 2, not a traceback."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top  (train.py's, evaluate.py's)
+  path = config_flags.get_config_filename(flag).partition(":")[0]
+  if path and not os.path.exists(path):
+    configs = sorted(f"configs/{n}" for n in os.listdir("configs") if n.endswith(".py")
+                     and not n.startswith("_")) if os.path.isdir("configs") else []
+    usage_error(f"--config file {path!r} does not exist" + (f"; the configs here: {', '.join(configs)}"
+                                                            if configs else ""))
+  try:
+    flag.value  # pylint: disable=pointless-statement  (loads the file, applies the overrides)
+  except (ValueError, KeyError, AttributeError, TypeError, OSError) as e:
+    usage_error(f"--config {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
 
 
 # Command lines with their own argparse options beside the process flags (predict.py, visualize.py).

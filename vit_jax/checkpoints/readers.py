@@ -64,8 +64,12 @@ def _kind(path: str) -> str:
   with open(path, "rb") as f:
     head = f.read(9)
   if head[:4] == b"PK\x03\x04":
-    with zipfile.ZipFile(path) as z:
-      names = z.namelist()
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+      raise CheckpointError(f"{path!r} is a damaged or truncated zip archive (an .npz or a torch "
+                            f"checkpoint, cut short?): {e}") from None
     if names and all(n.endswith(".npy") for n in names):
       return "npz"
     if any(n.endswith("data.pkl") for n in names):

@@ -126,9 +126,20 @@ def _map_and_batch(tf: Any, ds: Any, process: Callable, batch_size: int, batchwi
 
 
 def _as_numpy_iterator(ds: Any) -> Iterator[dict[str, np.ndarray]]:
+  """The batches as numpy; an input that fails to read or decode is a ValueError saying which."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  return iter(tfds.as_numpy(ds))
+  batches = iter(tfds.as_numpy(ds))
+  while True:
+    try:
+      yield next(batches)
+    except StopIteration:
+      return
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError, tf.errors.DataLossError) as e:
+      lines = [l.strip() for l in str(e.message).splitlines() if l.strip()]
+      raise ValueError(f"the input pipeline could not read an example: {' '.join(lines[:3])[:500]}"
+                       ) from None
 
 
 def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: int, start_step: int = 0,

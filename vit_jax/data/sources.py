@@ -321,11 +321,20 @@ class ImageFolderSource(Source):
     })
 
     def decode(example: dict) -> dict:
-      image = tf.io.decode_image(tf.io.read_file(example["file_name"]), channels=3, expand_animations=False)
+      data = tf.io.read_file(example["file_name"])
+      known = tf.reduce_any([tf.strings.substr(data, 0, len(m)) == m for m in _IMAGE_MAGIC])
+      check = tf.debugging.Assert(known, ["cannot decode", example["file_name"], "as an image: it is "
+                                          "not a JPEG, PNG, GIF or BMP file"])
+      with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
       image.set_shape([None, None, 3])
       return {**example, "image": image}
 
     return ds, decode, False
+
+
+# The first bytes of the formats tf.io.decode_image reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
 def _list_class_images(tf: Any, split_dir: str) -> dict[str, list[str]]:

@@ -34,9 +34,8 @@ def hold(workdir: str) -> Iterator[None]:
   if jax.process_index() != 0 or "://" in workdir:
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  fd = _open_lock_file(workdir, path)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,6 +49,20 @@ def hold(workdir: str) -> Iterator[None]:
     yield
   finally:
     os.close(fd)  # releases the lock
+
+
+def _open_lock_file(workdir: str, path: str) -> int:
+  """The lock file's descriptor; a workdir that is a file or cannot be written is a ValueError
+  naming it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory: give a directory (created "
+                     "if missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} cannot be written ({e.strerror}): give a directory "
+                     "this user can create and write") from None
 
 
 def _holder(path: str) -> str:
