@@ -119,6 +119,17 @@ def get_config() -> ml_collections.ConfigDict:
       aux_loss=True,                # DETR: every decoder layer's terms in the objective
   ))
 
+  # Few-shot linear evaluation of the pre-logits features (vit_jax/few_shot, few_shot.py).
+  c.few_shot = ml_collections.ConfigDict(dict(
+      datasets=(),                  # "name:train_split:test_split" each; () = none
+      shots=(1, 5, 10, 25),         # training examples per class
+      seeds=3,                      # random k-shot draws; the accuracy is their mean
+      l2_reg=2.0 ** 10,             # the least squares' l2 regularisation
+      l2_grid=(),                   # if given: l2 chosen per dataset and k on a held-out fifth
+      every=0,                      # steps between evaluations in training (0: at eval_every's)
+      pp=placeholder(str),          # preprocessing of the few-shot images (None: the run's pp_eval)
+  ))
+
   c.log_every = 100
   c.eval_every = 1_000
   c.checkpoint_every = 1_000

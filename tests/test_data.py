@@ -73,7 +73,8 @@ def test_digits_info_and_splits(digits_dir):
   assert info.num_classes == 10
   assert info.class_names == [str(i) for i in range(10)]
   assert info.image_shape == (8, 8, 1)
-  assert info.num_examples == {"train": 1497, "test": 300}
+  assert info.num_examples == {"train": 1497, "test": 300, "train_0to4": 750, "test_0to4": 151,
+                               "train_5to9": 747, "test_5to9": 149}
 
 
 def test_digits_examples_are_the_stratified_sklearn_split(digits_dir):

@@ -3,7 +3,9 @@
 `sklearn.datasets.load_digits()` holds 1,797 grey 8x8 images (values 0..16) of the digits 0..9. This builder
 stores them as uint8 images (value v becomes round(v * 255 / 16), so 16 -> 255) with a fixed stratified split,
 drawn once with `train_test_split(..., test_size=300, stratify=labels, random_state=0)`: 1,497 `train` and
-300 `test` examples. Examples are stored in ascending order of their index in `load_digits()` (also their
+300 `test` examples; `train_0to4`, `test_0to4`, `train_5to9` and `test_5to9` hold the same examples of
+the digits 0..4 and 5..9 alone (labels unchanged), for pre-training on half the classes and transferring
+to the other half (configs/sweeps/digits.py). Examples are stored in ascending order of their index in `load_digits()` (also their
 TFDS key), so the order is the same on every machine.
 
 Everything ships with scikit-learn, so `download_and_prepare()` needs no network. Importing this module
@@ -31,19 +33,25 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-  """The fixed stratified split: {'train': sorted indices (1,497), 'test': sorted indices (300)}."""
+  """The fixed stratified split: {'train': sorted indices (1,497), 'test': sorted indices (300)},
+  and each restricted to the digits 0..4 and 5..9 ('train_0to4', ..., 'test_5to9')."""
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
 
   train, test = train_test_split(np.arange(len(labels)), test_size=NUM_TEST, stratify=labels,
                                  random_state=SPLIT_SEED)
-  return {"train": np.sort(train), "test": np.sort(test)}
+  out = {"train": np.sort(train), "test": np.sort(test)}
+  for name, indices in list(out.items()):
+    out[f"{name}_0to4"] = indices[labels[indices] <= 4]
+    out[f"{name}_5to9"] = indices[labels[indices] >= 5]
+  return out
 
 
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """The scikit-learn handwritten digits (8x8 grey images, 10 classes), prepared offline."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Stratified 1,497 / 300 train / test split with seed 0."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Stratified 1,497 / 300 train / test split with seed 0.",
+                   "1.1.0": "The same split, also restricted to the digits 0..4 and 5..9."}
   # Read by vit_jax.data: the data ships with a Python package, so preparing it never downloads.
   PREPARES_OFFLINE = True
 
@@ -99,7 +107,8 @@ if __name__ == "__main__":
       description="Write digits of the embedded split as PNG files, e.g. to try predict.py or "
                   "visualize.py: python -m vit_jax.data.digits --out digits --count 4")
   parser.add_argument("--out", required=True, help="folder to write")
-  parser.add_argument("--split", default="test", choices=("train", "test"))
+  parser.add_argument("--split", default="test", choices=("train", "test", "train_0to4", "test_0to4",
+                                                           "train_5to9", "test_5to9"))
   parser.add_argument("--start", type=int, default=0, help="first digit of the split")
   parser.add_argument("--count", type=int, default=4, help="how many digits")
   a = parser.parse_args()

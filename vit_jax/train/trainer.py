@@ -260,6 +260,23 @@ def _shut_down(close, failing: bool) -> None:
     logging.warning("while stopping: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+def _few_shot_evaluator(setup: Setup) -> Any:
+  """The run's few-shot evaluator (``config.few_shot``; its options, model and datasets checked
+  now), or None without few-shot datasets (or a config saved before they existed)."""
+  if not (setup.config.get("few_shot") or {}).get("datasets"):
+    return None
+  from vit_jax import few_shot  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return few_shot.FewShotEvaluator(setup)
+
+
+def _run_few_shot(evaluator: Any, state: TrainState, step: int, writer: MetricsWriter) -> dict:
+  from vit_jax import few_shot  # pylint: disable=g-import-not-at-top
+  metrics = few_shot.metrics(evaluator.run(state))
+  writer.write(step, metrics)
+  writer.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+  return metrics
+
+
 def train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device] | None = None
                        ) -> dict:
   """Trains ``config`` in ``workdir``, resuming from its last checkpoint. Returns the final eval.
@@ -275,6 +292,7 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
   config = stages.run_stages(config, workdir, lambda c, w: train_and_evaluate(c, w, devices),
                              has_checkpoint)
   setup = make_setup(config, devices)
+  few_shot = _few_shot_evaluator(setup)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     keep=config.keep_checkpoints)
@@ -297,7 +315,7 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
     writer.log(f"resumed from step {start} in {workdir}")
   writer.start_clock(start)
   guard = PreemptionGuard()
-  final, failing = {}, True
+  final, few_shot_metrics, failing = {}, {}, True
   try:
     for step in range(start + 1, config.total_steps + 1):
       state, metrics = train_step(state, setup.global_batch(next(batches)))
@@ -311,6 +329,8 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
         final = evaluate(setup, state, eval_step)
         writer.write(step, {f"eval/{k}": v for k, v in final.items()})
         writer.log(f"step {step}: eval {setup.task.format_metrics(final)}")
+      if few_shot and (step % (config.few_shot.every or config.eval_every) == 0 or last):
+        few_shot_metrics = _run_few_shot(few_shot, state, step, writer)
       preempted = guard.should_stop(at_sync_point=step % config.log_every == 0) and not last
       if step % config.checkpoint_every == 0 or last or preempted:
         _check_finite(float(jax.device_get(metrics["loss"])), step, last_ckpt)
@@ -325,6 +345,8 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
         return {"step": step, "preempted": True}
     if not final:  # resumed at the end: evaluate what is there
       final = evaluate(setup, state, eval_step)
+    if few_shot and not few_shot_metrics:
+      few_shot_metrics = _run_few_shot(few_shot, state, config.total_steps, writer)
     failing = False
   except OSError as e:
     if disk_space.is_disk_full(e):
@@ -336,7 +358,7 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
   finally:
     for close in (guard.close, ckpt.wait, ckpt.close, writer.close):
       _shut_down(close, failing)
-  final = {"step": config.total_steps, **final}
+  final = {"step": config.total_steps, **final, **few_shot_metrics}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
       json.dump(final, f, indent=2)
