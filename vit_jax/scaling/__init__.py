@@ -1,0 +1,1 @@
+"""Scaling studies: the sweep results table, power-law fits and the scaling plots."""
