@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -127,7 +128,8 @@ def done(rows: Iterable[Mapping[str, Any]]) -> list[Row]:
 def metric_columns(rows: Iterable[Mapping[str, Any]], prefix: str = "") -> list[str]:
   """The metric columns (``eval/``, ``transfer/``, ``fewshot/``) that start with ``prefix``."""
   keys = {key for row in rows for key in row}
-  return sorted(key for key in keys if "/" in key and key.startswith(prefix))
+  natural = lambda key: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+  return sorted((key for key in keys if "/" in key and key.startswith(prefix)), key=natural)
 
 
 def table_columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
