@@ -40,7 +40,7 @@ DATA_CASES = [
     (dict(pp_train="decode|resize(8"), r"cannot parse preprocessing op 'resize\(8': '\(' was never closed"),
     (dict(pp_train="decode|resize('a')|value_range(-1, 1)|onehot(10)|keep('image', 'labels')"),
      r"resize: size must be a positive int or a \(height, width\) pair of them, got 'a'"),
-    (dict(train_split="nosplit"), r"dataset 'sklearn_digits' has no split 'nosplit'.*\['test', 'train'\]"),
+    (dict(train_split="nosplit"), r"dataset 'sklearn_digits' has no split 'nosplit'.*\['test', 'test_0to4',"),
     (dict(dataset="no_such_dataset"), r"unknown dataset 'no_such_dataset'"),
 ]
 

@@ -377,5 +377,6 @@ def test_unprepared_dataset_is_not_downloaded(tmp_path):
 
 
 def test_unknown_split(digits_dir):
-  with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
+  with pytest.raises(ValueError,
+                     match="no split 'validation'.*'test', 'test_0to4', 'test_5to9', 'train'"):
     train(digits_dir, split="validation")
