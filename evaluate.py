@@ -34,25 +34,11 @@ def main(argv):
   from vit_jax.train import checkpointing, trainer
   if not _WORKDIR.value and not _CHECKPOINT.value:
     command_line.usage_error("give --workdir (latest checkpoint) or --checkpoint PATH")
-  if _CHECKPOINT.value:
-    path = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
-    directory, step = os.path.dirname(path), os.path.basename(path)
-    if not step.isdigit() or not os.path.isdir(path):
-      print(f"error: {_CHECKPOINT.value} is not a checkpoint step directory (DIR/checkpoints/<step>)",
-            file=sys.stderr)
-      sys.exit(1)
-    step = int(step)
-    out_dir = _WORKDIR.value or os.path.dirname(directory)
-  else:
-    directory, step = os.path.join(_WORKDIR.value, "checkpoints"), None
-    out_dir = _WORKDIR.value
   try:
+    directory, step, out_dir = checkpointing.locate(_WORKDIR.value, _CHECKPOINT.value)
     setup = trainer.make_setup(_CONFIG.value)
-    ckpt = checkpointing.Checkpointer(directory, keep=10**6, async_save=False)
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no checkpoint in {directory}")
-    state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step,
-                               move_aside=False)
+    state, meta = checkpointing.restore_for_reading(directory, step, setup.sharded_abstract_state(),
+                                                    setup.task.signature())
     split = _SPLIT.value or _CONFIG.value.eval_split
     evaluator = setup.task.evaluator()
     if _DETECTIONS.value and not hasattr(evaluator, "results_json"):

@@ -33,29 +33,15 @@ def main(argv):
   from vit_jax.train import checkpointing, trainer
   if not _WORKDIR.value and not _CHECKPOINT.value:
     command_line.usage_error("give --workdir (latest checkpoint) or --checkpoint PATH")
-  if _CHECKPOINT.value:
-    path = os.path.abspath(_CHECKPOINT.value.rstrip("/"))
-    directory, step = os.path.dirname(path), os.path.basename(path)
-    if not step.isdigit() or not os.path.isdir(path):
-      print(f"error: {_CHECKPOINT.value} is not a checkpoint step directory (DIR/checkpoints/<step>)",
-            file=sys.stderr)
-      sys.exit(1)
-    step = int(step)
-    out_dir = _WORKDIR.value or os.path.dirname(directory)
-  else:
-    directory, step = os.path.join(_WORKDIR.value, "checkpoints"), None
-    out_dir = _WORKDIR.value
   try:
+    directory, step, out_dir = checkpointing.locate(_WORKDIR.value, _CHECKPOINT.value)
     if not _CONFIG.value.few_shot.datasets:
       raise ValueError("config.few_shot.datasets is empty: name the datasets, e.g. "
                        "--config.few_shot.datasets=\"('sklearn_digits:train:test',)\"")
     setup = trainer.make_setup(_CONFIG.value)
     evaluator = few_shot.FewShotEvaluator(setup)
-    ckpt = checkpointing.Checkpointer(directory, keep=10**6, async_save=False)
-    if ckpt.latest_step() is None:
-      raise ValueError(f"no checkpoint in {directory}")
-    state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature(), step,
-                               move_aside=False)
+    state, meta = checkpointing.restore_for_reading(directory, step, setup.sharded_abstract_state(),
+                                                    setup.task.signature())
     results = evaluator.run(state)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

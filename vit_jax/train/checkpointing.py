@@ -187,6 +187,29 @@ class Checkpointer:
     self.manager.close()
 
 
+def locate(workdir: str | None, checkpoint: str | None) -> tuple[str, int | None, str]:
+  """Where a reader (evaluate.py, few_shot.py) finds its checkpoint: ``--checkpoint
+  DIR/checkpoints/<step>`` or the latest of ``--workdir``; returns (the checkpoints directory, the
+  step or None for the latest, the directory outputs go to)."""
+  if checkpoint:
+    path = os.path.abspath(checkpoint.rstrip("/"))
+    directory, step = os.path.dirname(path), os.path.basename(path)
+    if not step.isdigit() or not os.path.isdir(path):
+      raise ValueError(f"{checkpoint} is not a checkpoint step directory (DIR/checkpoints/<step>)")
+    return directory, int(step), workdir or os.path.dirname(directory)
+  return os.path.join(workdir, "checkpoints"), None, workdir
+
+
+def restore_for_reading(directory: str, step: int | None, abstract_state: Any,
+                        signature: dict) -> tuple[Any, dict]:
+  """The verified state and meta of ``step`` (None: the newest that passes) in ``directory``,
+  restored onto ``abstract_state``'s shardings; damaged checkpoints are left in place."""
+  ckpt = Checkpointer(directory, keep=10**6, async_save=False)
+  if ckpt.latest_step() is None:
+    raise ValueError(f"no checkpoint in {directory}")
+  return ckpt.restore(abstract_state, signature, step, move_aside=False)
+
+
 def check_signature(saved: dict, wanted: dict, where: str) -> None:
   """Raises CheckpointMismatchError unless the signatures agree (as stored: JSON, so a tuple
   option equals the list it was saved as)."""
