@@ -1,4 +1,4 @@
-"""Export a checkpoint for serving: python export.py --checkpoint PATH [--model NAME] --format stablehlo|savedmodel|timm --out PATH
+"""Export a checkpoint for serving: python export.py --checkpoint PATH [--model NAME] --format stablehlo|savedmodel|onnx|timm --out PATH
 
 PATH is anything predict.py reads: a workdir or DIR/checkpoints/<step> of this trainer, a
 released .npz, a timm .safetensors / torch file. The model name, classes and size come from the
@@ -8,6 +8,8 @@ checkpoint when it records them, else from --model / --num_classes / --image_siz
               jax.export.deserialize(open(OUT, "rb").read()).call(images). OUT.json says what
               goes in and out (shapes, normalisation, class names).
   savedmodel  OUT/: a TensorFlow SavedModel (jax2tf), signature serving_default(images=...).
+  onnx        OUT: an ONNX graph of the JAX computation (opset 18) for onnxruntime:
+              onnxruntime.InferenceSession(OUT).run(None, {"images": images}).
   timm        OUT/: model.safetensors and config.json for
               timm.create_model("local-dir:OUT", pretrained=True) (ViT, hybrid, Mixer, TNT, BiT).
 
@@ -28,7 +30,7 @@ from vit_jax import command_line  # imports no JAX: the process is set up in __m
 
 command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
 
-FORMATS = ("stablehlo", "savedmodel", "timm")  # vit_jax.export.FORMATS, without importing JAX
+FORMATS = ("stablehlo", "savedmodel", "onnx", "timm")  # vit_jax.export.FORMATS, without importing JAX
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,11 +1,12 @@
 """The export issue's models at 224 px, random weights, fp32: each artifact against the JAX model.
 
-  .venv/bin/python bench/export_check.py [--models ViT-Ti/16,...] [--formats stablehlo,savedmodel,timm]
+  .venv/bin/python bench/export_check.py [--models ViT-Ti/16,...] [--formats stablehlo,savedmodel,onnx,timm]
 
 For each model: the JAX model's logits on 2 random images, then the same images through the
 stablehlo artifact (deserialised; dynamic batch, also checked at batch 3), the SavedModel in
-TensorFlow and the timm export loaded by timm; prints the max abs difference of each (the bar:
-1e-4, and beside it the largest logit) or why the format refused the model.
+TensorFlow, the ONNX graph in onnxruntime (also at batch 3) and the timm export loaded by timm;
+prints the max abs difference of each (the bar: 1e-4, and beside it the largest logit) or why the
+format refused the model.
 """
 
 from __future__ import annotations
@@ -24,23 +25,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 MODELS = ("ViT-Ti/16", "ViT-B/16", "R50+ViT-B/16", "Mixer-B/16", "TNT-S/16", "BiT-R50x1")
 
 
-def check(name: str, formats: list[str], out_dir: str) -> dict:
+def random_model(name: str, image_size: int = 224, num_classes: int = 1000):
+  """``name`` with random values everywhere (the head starts at zero, which would make every
+  comparison equal); scales and norms near 1, the rest small."""
   import jax
-  import numpy as np
   from flax import nnx
 
   from vit_jax import models
-  from vit_jax.export import ServingConfig, export
 
-  model = models.create(name, num_classes=1000, image_size=224, rngs=nnx.Rngs(0))
-  # Random values everywhere (the head starts at zero, which would make every comparison equal);
-  # scales and norms near 1, the rest small.
+  model = models.create(name, num_classes=num_classes, image_size=image_size, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
   def randomise(path, x):
     noise = 0.02 * jax.random.normal(next(keys), x.shape, x.dtype)
     return (1.0 + noise) if str(path[-1]).strip("'[]. ") in ("scale",) else noise
   nnx.update(model, jax.tree_util.tree_map_with_path(randomise, params))
+  return model
+
+
+def check(name: str, formats: list[str], out_dir: str) -> dict:
+  import jax
+  import numpy as np
+
+  from vit_jax.export import ServingConfig, export
+
+  model = random_model(name)
   serving = ServingConfig(model_name=name, num_classes=1000, image_size=(224, 224))
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (3, 224, 224, 3)).astype(np.float32)
@@ -64,6 +73,12 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
       loaded = tf.saved_model.load(out)
       got = loaded.signatures["serving_default"](images=tf.constant(images[:2]))["logits"].numpy()
       diff = np.abs(got - want[:2]).max()
+    elif fmt == "onnx":
+      import onnxruntime
+      session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+      got = session.run(None, {"images": images[:2]})[0]
+      got3 = session.run(None, {"images": images})[0]
+      diff = max(np.abs(got - want[:2]).max(), np.abs(got3 - want).max())
     else:
       import timm
       import torch
@@ -79,7 +94,7 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default=",".join(MODELS))
-  p.add_argument("--formats", default="stablehlo,savedmodel,timm")
+  p.add_argument("--formats", default="stablehlo,savedmodel,onnx,timm")
   p.add_argument("--json")
   args = p.parse_args()
   if "timm" in args.formats:

@@ -98,6 +98,72 @@ def test_savedmodel_serving_default_in_tensorflow(tmp_path, vit):
     np.testing.assert_allclose(got, np.asarray(vit(x)), atol=TOL, rtol=0)
 
 
+ONNX_VIT_OPS = ["Add", "Concat", "Div", "Erf", "Exp", "Expand", "Gather", "MatMul", "Max", "Mul",
+                "Reciprocal", "ReduceMax", "ReduceSum", "Reshape", "Shape", "Sqrt", "Squeeze", "Sub",
+                "Transpose"]
+
+
+def onnx_session(path: str):
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = 1
+  return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def test_onnx_is_the_jax_computation_at_any_batch(tmp_path, vit):
+  import onnx  # pylint: disable=g-import-not-at-top
+  serving = exporting.ServingConfig("ViT-Ti/16", 10, (32, 32))
+  path = str(tmp_path / "vit.onnx")
+  assert exporting.export(vit, serving, "onnx", path) == [path, path + ".json"]
+  graph = onnx.load(path).graph
+  # The jaxpr's operations and nothing else: dot_general -> MatMul, erf -> Erf, softmax's
+  # reduce_max/exp/reduce_sum/div, the batch read from the input's Shape for the class token.
+  assert sorted({n.op_type for n in graph.node} - {"Identity"}) == ONNX_VIT_OPS
+  assert json.load(open(path + ".json"))["operators"] == sorted(ONNX_VIT_OPS + ["Identity"])
+  assert [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == ["b", 32, 32, 3]
+  session = onnx_session(path)
+  for n in (1, 3, 32):
+    x = images(n, seed=n)
+    got, = session.run(["logits"], {"images": x})
+    np.testing.assert_allclose(got, np.asarray(vit(x)), atol=TOL, rtol=0)
+  exporting.export(vit, serving, "onnx", str(tmp_path / "fixed.onnx"), batch=2)
+  fixed = onnx.load(str(tmp_path / "fixed.onnx")).graph
+  assert [d.dim_value for d in fixed.input[0].type.tensor_type.shape.dim] == [2, 32, 32, 3]
+  assert "Shape" not in {n.op_type for n in fixed.node}  # nothing left to compute at run time
+  x = images(2, seed=4)
+  np.testing.assert_allclose(onnx_session(str(tmp_path / "fixed.onnx")).run(None, {"images": x})[0],
+                             np.asarray(vit(x)), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name, options, ops", [
+    ("R26+ViT-S/32", dict(TINY_VIT, resnet_layers=(1, 1), resnet_width=32), {"Conv", "MaxPool"}),
+    ("BiT-R50x1", dict(layers=(1, 1), width=32), {"Conv", "MaxPool", "Pad"}),
+    ("Mixer-B/8", dict(hidden_size=64, num_layers=2, tokens_mlp_dim=32, channels_mlp_dim=256), set()),
+    ("TNT-S/16", dict(hidden_size=64, inner_size=16, num_layers=2, num_heads=2), {"Conv", "Slice"}),
+])
+def test_onnx_every_family(tmp_path, name, options, ops):
+  import onnx  # pylint: disable=g-import-not-at-top
+  model = randomized(name, **options)
+  path = str(tmp_path / "m.onnx")
+  exporting.export(model, exporting.ServingConfig(name, 10, (32, 32)), "onnx", path)
+  assert ops <= {n.op_type for n in onnx.load(path).graph.node}
+  x = images(3)
+  np.testing.assert_allclose(onnx_session(path).run(None, {"images": x})[0], np.asarray(model(x)),
+                             atol=TOL, rtol=0)
+
+
+def test_onnx_refuses_an_operation_it_has_no_rule_for(tmp_path):
+  from vit_jax.export import onnx_graph  # pylint: disable=g-import-not-at-top
+  spec = jax.ShapeDtypeStruct((2, 5), np.float32)
+  with pytest.raises(onnx_graph.UnsupportedPrimitive, match="'sort' has no ONNX rule"):
+    onnx_graph.build_model(lambda x: {"logits": jax.numpy.sort(x, axis=-1)}, [spec], ["images"])
+  with pytest.raises(ValueError, match="onnx format has no platforms"):
+    exporting.export(nnx.eval_shape(lambda: models.create("ViT-Ti/16", num_classes=10, image_size=32,
+                                                          **TINY_VIT)),
+                     exporting.ServingConfig("ViT-Ti/16", 10, (32, 32)), "onnx",
+                     str(tmp_path / "m.onnx"), platforms=("cuda",))
+
+
 def test_detectors_export_logits_and_boxes(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   yolos = randomized("YOLOS-Ti", image_size=(32, 48), num_classes=5, patch_size=8,
@@ -118,6 +184,13 @@ def test_detectors_export_logits_and_boxes(tmp_path):
     assert set(got) == {"logits", "boxes"}
     for key in got:
       np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=TOL, rtol=0)
+    exporting.export(model, serving, "onnx", str(tmp_path / f"{name}.onnx"))
+    session = onnx_session(str(tmp_path / f"{name}.onnx"))
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"images": x, "pixel_mask": mask})))
+    assert set(got) == {"logits", "boxes"}
+    for key in got:
+      np.testing.assert_allclose(got[key], np.asarray(want[key]), atol=TOL, rtol=0)
     if name == "YOLOS-Ti":
       exporting.export(model, serving, "savedmodel", str(tmp_path / "yolos"))
       serve = tf.saved_model.load(str(tmp_path / "yolos")).signatures["serving_default"]
@@ -143,8 +216,13 @@ def test_with_preprocessing_takes_uint8_images(tmp_path, vit):
   resized = np.asarray(jax.image.resize(pixels.astype(np.float32), (3, 36, 43, 3), "bicubic"))
   crop = resized[:, 2:34, 6:38]
   x = (crop / 255.0 - np.array([0.4, 0.5, 0.6])) / np.array([0.2, 0.3, 0.25])
+  want = np.asarray(vit(x.astype(np.float32)))
   got = jax.export.deserialize(open(path, "rb").read()).call(pixels)["logits"]
-  np.testing.assert_allclose(np.asarray(got), np.asarray(vit(x.astype(np.float32))), atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
+  exporting.export(vit, serving, "onnx", str(tmp_path / "pre.onnx"), preprocess=True,
+                   input_size=(40, 48))
+  got, = onnx_session(str(tmp_path / "pre.onnx")).run(None, {"images": pixels})
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
 TIMM_CASES = {  # timm architectures at 32 px: (our name, options)
@@ -224,8 +302,8 @@ def test_timm_refuses_what_it_cannot_express(tmp_path, vit):
   serving = exporting.ServingConfig("ViT-Ti/16", 10, (32, 32))
   with pytest.raises(ValueError, match="timm format does not bake in preprocessing"):
     exporting.export(vit, serving, "timm", str(tmp_path / "t"), preprocess=True)
-  with pytest.raises(ValueError, match="'onnx' is not one of stablehlo, savedmodel, timm"):
-    exporting.export(vit, serving, "onnx", str(tmp_path / "t"))
+  with pytest.raises(ValueError, match="'tflite' is not one of stablehlo, savedmodel, onnx, timm"):
+    exporting.export(vit, serving, "tflite", str(tmp_path / "t"))
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +334,10 @@ def test_command_line_on_a_trained_checkpoint(tmp_path, workdir, timm, capsys):
   got = jax.export.deserialize(open(path, "rb").read()).call(x)["logits"]
   np.testing.assert_allclose(np.asarray(got), want, atol=TOL, rtol=0)
 
+  path = str(tmp_path / "digits.onnx")
+  assert export_script.main(["--checkpoint", workdir, "--format", "onnx", "--out", path]) == 0
+  np.testing.assert_allclose(onnx_session(path).run(None, {"images": x})[0], want, atol=TOL, rtol=0)
+
   out = str(tmp_path / "timm")
   assert export_script.main(["--checkpoint", os.path.join(workdir, "checkpoints"),
                              "--format", "timm", "--out", out]) == 0
@@ -265,12 +347,27 @@ def test_command_line_on_a_trained_checkpoint(tmp_path, workdir, timm, capsys):
   np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+def test_command_line_on_a_released_format_npz(tmp_path, vit, capsys):
+  """The original repository's npz names (checkpoints.export_npz): the model read from the file."""
+  npz = checkpoints.export_npz(vit, tmp_path / "released.npz")
+  x = images(3)
+  for fmt in ("onnx", "stablehlo"):
+    out = str(tmp_path / f"released.{fmt}")
+    assert export_script.main(["--checkpoint", npz, "--format", fmt, "--out", out]) == 0
+    assert "(10 classes, 32x32)" in capsys.readouterr().out
+    got = (onnx_session(out).run(None, {"images": x})[0] if fmt == "onnx" else
+           jax.export.deserialize(open(out, "rb").read()).call(x)["logits"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(vit(x)), atol=TOL, rtol=0)
+
+
 def test_bad_command_lines_give_one_error_line(tmp_path, capsys):
   prelogits = models.create("ViT-Ti/16", num_classes=10, image_size=32, representation_size=16,
                             **TINY_VIT)
   npz = checkpoints.export_npz(prelogits, tmp_path / "prelogits.npz")
   cases = [
-      (["--checkpoint", npz, "--format", "onnx"], "--format 'onnx' is not one of stablehlo"),
+      (["--checkpoint", npz, "--format", "tflite"],
+       "--format 'tflite' is not one of stablehlo, savedmodel, onnx, timm"),
+      (["--checkpoint", npz, "--format", "onnx", "--platforms", "cuda"], "onnx format has no platforms"),
       (["--checkpoint", str(tmp_path / "none.npz"), "--format", "stablehlo"], "does not exist"),
       (["--checkpoint", npz, "--format", "timm", "--with_preprocessing"], "does not bake in"),
       (["--checkpoint", npz, "--format", "stablehlo", "--batch", "0"], "--batch '0'"),
@@ -281,8 +378,8 @@ def test_bad_command_lines_give_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "export.py"), "--checkpoint", npz, "--format", "onnx",
+      [sys.executable, os.path.join(ROOT, "export.py"), "--checkpoint", npz, "--format", "tflite",
        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
-      "error: --format 'onnx' is not one of stablehlo, savedmodel, timm"]
+      "error: --format 'tflite' is not one of stablehlo, savedmodel, onnx, timm"]

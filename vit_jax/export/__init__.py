@@ -3,12 +3,15 @@
     model, serving = load_checkpoint(PATH)                 # any checkpoint predict.py reads
     export(model, serving, "stablehlo", "model.shlo")      # + model.shlo.json
     export(model, serving, "savedmodel", "saved/")         # TF SavedModel, serving_default
+    export(model, serving, "onnx", "model.onnx")           # + model.onnx.json
     export(model, serving, "timm", "timm_folder/")         # model.safetensors + config.json
 
 * ``stablehlo`` (``stablehlo.py``): ``jax.export``, the parameters baked in, called with
   ``jax.export.deserialize(bytes).call(images)`` by any compatible JAX, no vit_jax needed.
 * ``savedmodel`` (``savedmodel.py``): ``jax2tf`` native serialisation; TensorFlow is imported
   only to write it.
+* ``onnx`` (``onnx_graph.py``): the model's jaxpr written as ONNX operators, one rule per JAX
+  primitive, for onnxruntime; needs the ``onnx`` package.
 * ``timm`` (``timm_format.py``): the ViT, hybrid, Mixer, TNT and BiT families in timm's names,
   layouts and config, for ``timm.create_model(..., pretrained=True)``.
 
@@ -27,7 +30,7 @@ from flax import nnx
 from vit_jax.export.preprocessing import Preprocessing
 from vit_jax.export.serving import NORMALIZATIONS, ServingConfig, load_checkpoint
 
-FORMATS = ("stablehlo", "savedmodel", "timm")
+FORMATS = ("stablehlo", "savedmodel", "onnx", "timm")
 
 
 def export(model: nnx.Module, serving: ServingConfig, format: str, out: str, *,  # pylint: disable=redefined-builtin
@@ -58,6 +61,17 @@ def export(model: nnx.Module, serving: ServingConfig, format: str, out: str, *, 
     from vit_jax.export import stablehlo  # pylint: disable=g-import-not-at-top
     return stablehlo.export_stablehlo(model, serving, out, batch=batch,
                                       preprocessing=preprocessing, platforms=platforms)
+  if format == "onnx":
+    if platforms:
+      raise ValueError("the onnx format has no platforms: onnxruntime picks its execution "
+                       "provider when it loads the graph")
+    try:
+      from vit_jax.export import onnx_graph  # pylint: disable=g-import-not-at-top
+      import onnx  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise ValueError("the onnx format needs the onnx package: pip install onnx "
+                       "(and onnxruntime to run the result)") from None
+    return onnx_graph.export_onnx(model, serving, out, batch=batch, preprocessing=preprocessing)
   from vit_jax.export import savedmodel  # pylint: disable=g-import-not-at-top
   return savedmodel.export_savedmodel(model, serving, out, batch=batch,
                                       preprocessing=preprocessing, platforms=platforms)
