@@ -127,7 +127,47 @@ def hf_model(model: str, folder: str):
   net = DetrForObjectDetection.from_pretrained(folder, auxiliary_loss=True)
   for p in net.parameters():
     p.requires_grad_(True)  # HF froze the whole (non-timm) ResNet
+  original_decoder(net.model.decoder)
   return net
+
+
+def original_decoder(decoder) -> None:
+  """Makes transformers' DETR decoder with ``auxiliary_loss=True`` compute what the original
+  DETR's (and ours) computes: each layer takes the previous layer's output, not its layer-normed
+  copy, and the final output is normed once, not twice. HF's loop writes
+  ``hidden = layernorm(layer(hidden))`` back into the stream; here every layer after the first
+  takes the unnormed output its predecessor returned, and the final ``layernorm`` call, whose
+  input is the normed tensor the last call returned, passes it through unchanged. The
+  auxiliary heads still see ``layernorm(layer_i output)``, as in the original."""
+  import torch
+
+  class FromPrevious(torch.nn.Module):
+    def __init__(self, layer, index, outputs):
+      super().__init__()
+      self.layer, self.index, self.outputs = layer, index, outputs
+
+    def forward(self, hidden_states, *args, **kwargs):
+      if self.index > 0:
+        hidden_states = self.outputs[self.index - 1]  # the unnormed output, not HF's normed copy
+      out = self.layer(hidden_states, *args, **kwargs)
+      self.outputs[self.index] = out[0] if isinstance(out, tuple) else out
+      return out
+
+  class NormOnce(torch.nn.Module):
+    def __init__(self, norm):
+      super().__init__()
+      self.norm, self.last = norm, None
+
+    def forward(self, x):
+      if x is self.last:  # the decoder's final call on what the loop's last call returned
+        return x
+      self.last = self.norm(x)
+      return self.last
+
+  outputs: dict = {}
+  decoder.layers = torch.nn.ModuleList(
+      [FromPrevious(layer, i, outputs) for i, layer in enumerate(decoder.layers)])
+  decoder.layernorm = NormOnce(decoder.layernorm)
 
 
 def hf_optimizer(net, lr: float, weight_decay: float):
@@ -288,6 +328,9 @@ def spawn_worker(args: argparse.Namespace, framework: str, model: str, folder: s
          "--min-seconds", str(args.min_seconds), "--warmup", str(args.warmup), "--preset", args.preset]
   env = harness.worker_env(args.allocator)
   env["PYTHONPATH"] = ROOT  # the HF worker imports tests.timm_helpers
+  if framework == "jax" and args.jax_devices > 1:  # train.py --fake_devices N: data parallel over cores
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={args.jax_devices}").strip()
   with harness.LoadMonitor() as load:
     result = harness.run_worker_process(cmd, f"{framework} {model}", cwd=ROOT, env=env)
   return result, load.report()
@@ -390,6 +433,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--min-seconds", type=float, default=5.0)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--preset", default="cpu", choices=sorted(harness.PRESETS))
+  p.add_argument("--jax-devices", type=int, default=1,
+                 help="CPU devices of our step (train.py --fake_devices N): the batch split over "
+                      "them, data parallel, on the same --threads cores (default: %(default)s)")
   p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS)
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--train", action="store_true",
