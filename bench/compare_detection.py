@@ -301,7 +301,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     import workloads
 
     run, info = workloads.jax_train_step(detection_config(args.model, len(batch["image"])), batch)
-    setup_s = info["compile_s"]
+    setup_s, devices = info["compile_s"], info["num_devices"]
   else:
     import torch
 
@@ -311,10 +311,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     run, setup_s = hf_step(args.model, args.folder, batch)
+    devices = 1
   times = harness.time_calls(run, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
   size = len(batch["image"])
   return {"worker": args.worker, "model": args.model, "batch": size, "setup_s": setup_s,
-          "times_s": times, "img_per_s": size / statistics.median(times), "threads": args.threads,
+          "devices": devices, "times_s": times, "img_per_s": size / statistics.median(times), "threads": args.threads,
           "preset": preset, "versions": harness.environment()["versions"]}
 
 
@@ -361,7 +362,7 @@ def run_driver(args: argparse.Namespace) -> dict:
             rounds_log.append({"round": r, "model": m, "framework": f, "img_per_s": result["img_per_s"],
                                "setup_s": result["setup_s"], "load": load,
                                "versions": result["versions"]})
-            print(f"round {r} {m:6s} {f:4s} {result['img_per_s']:8.2f} img/s  "
+            print(f"round {r} {m:6s} {f:4s} {result['img_per_s']:8.2f} img/s on {result['devices']} device(s)  "
                   f"(load {load['loadavg_before'][0]:.2f}->{load['loadavg_after'][0]:.2f}, "
                   f"foreign CPU {100 * load['foreign_cpu_fraction']:.0f}%, "
                   f"stolen {100 * load['steal_fraction']:.0f}%)", flush=True)

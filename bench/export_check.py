@@ -2,7 +2,8 @@
 
   .venv/bin/python bench/export_check.py [--models ViT-Ti/16,...] [--formats stablehlo,savedmodel,onnx,timm]
 
-For each model: the JAX model's logits on 2 random images, then the same images through the
+For each model: the JAX model's logits on 2 random images (the detectors at 512 x 512, 91 classes,
+with a pixel mask that pads the second image: logits and boxes), then the same images through the
 stablehlo artifact (deserialised; dynamic batch, also checked at batch 3), the SavedModel in
 TensorFlow, the ONNX graph in onnxruntime (also at batch 3) and the timm export loaded by timm;
 prints the max abs difference of each (the bar: 1e-4, and beside it the largest logit) or why the
@@ -22,10 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-MODELS = ("ViT-Ti/16", "ViT-B/16", "R50+ViT-B/16", "Mixer-B/16", "TNT-S/16", "BiT-R50x1")
+MODELS = ("ViT-Ti/16", "ViT-B/16", "R50+ViT-B/16", "Mixer-B/16", "TNT-S/16", "BiT-R50x1",
+          "YOLOS-Ti", "DETR-R50")
+DETECTORS = ("YOLOS-Ti", "DETR-R50")
+DETECTOR_SIZE = (512, 512)  # YOLOS-Ti's evaluation size
 
 
-def random_model(name: str, image_size: int = 224, num_classes: int = 1000):
+def random_model(name: str, image_size=224, num_classes: int = 1000):
   """``name`` with random values everywhere (the head starts at zero, which would make every
   comparison equal); scales and norms near 1, the rest small."""
   import jax
@@ -49,12 +53,26 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
 
   from vit_jax.export import ServingConfig, export
 
-  model = random_model(name)
-  serving = ServingConfig(model_name=name, num_classes=1000, image_size=(224, 224))
+  detector = name in DETECTORS
+  size = DETECTOR_SIZE if detector else (224, 224)
+  classes = 91 if detector else 1000
+  model = random_model(name, image_size=size if detector else 224, num_classes=classes)
+  serving = ServingConfig(model_name=name, num_classes=classes, image_size=size, detector=detector)
   rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (3, 224, 224, 3)).astype(np.float32)
-  want = np.asarray(jax.jit(lambda x: model(x))(images))
-  result = {"model": name, "max_abs_logit": float(np.abs(want).max())}
+  inputs = {"images": rng.uniform(-1, 1, (3, *size, 3)).astype(np.float32)}
+  if detector:
+    inputs["pixel_mask"] = np.ones((3, *size), np.float32)
+    inputs["pixel_mask"][1, :, size[1] // 2:] = 0  # the second image padded on the right
+    out = jax.jit(lambda x, m: model(x, pixel_mask=m))(inputs["images"], inputs["pixel_mask"])
+    want = {k: np.asarray(out[k]) for k in ("logits", "boxes")}
+  else:
+    want = {"logits": np.asarray(jax.jit(lambda x: model(x))(inputs["images"]))}
+  result = {"model": name, "size": list(size), "max_abs_logit": float(np.abs(want["logits"]).max())}
+
+  def difference(got: dict, n: int) -> float:
+    return max(float(np.abs(np.asarray(got[k]) - want[k][:n]).max()) for k in want)
+
+  first2 = {k: v[:2] for k, v in inputs.items()}
   for fmt in formats:
     out = os.path.join(out_dir, name.replace("/", "_").replace("+", "_") + "." + fmt)
     t = time.time()
@@ -65,28 +83,27 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
       continue
     if fmt == "stablehlo":
       exported = jax.export.deserialize(open(out, "rb").read())
-      got = np.asarray(exported.call(images[:2])["logits"])
-      got3 = np.asarray(exported.call(images)["logits"])
-      diff = max(np.abs(got - want[:2]).max(), np.abs(got3 - want).max())
+      diff = max(difference(exported.call(*first2.values()), 2),
+                 difference(exported.call(*inputs.values()), 3))
     elif fmt == "savedmodel":
       import tensorflow as tf
-      loaded = tf.saved_model.load(out)
-      got = loaded.signatures["serving_default"](images=tf.constant(images[:2]))["logits"].numpy()
-      diff = np.abs(got - want[:2]).max()
+      serve = tf.saved_model.load(out).signatures["serving_default"]
+      got = serve(**{k: tf.constant(v) for k, v in first2.items()})
+      diff = difference({k: v.numpy() for k, v in got.items()}, 2)
     elif fmt == "onnx":
       import onnxruntime
       session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
-      got = session.run(None, {"images": images[:2]})[0]
-      got3 = session.run(None, {"images": images})[0]
-      diff = max(np.abs(got - want[:2]).max(), np.abs(got3 - want).max())
+      names = [o.name for o in session.get_outputs()]
+      diff = max(difference(dict(zip(names, session.run(None, first2))), 2),
+                 difference(dict(zip(names, session.run(None, inputs))), 3))
     else:
       import timm
       import torch
       tm = timm.create_model("local-dir:" + out, pretrained=True).eval()
       with torch.no_grad():
-        got = tm(torch.from_numpy(images[:2]).permute(0, 3, 1, 2)).numpy()
-      diff = np.abs(got - want[:2]).max()
-    result[fmt] = float(diff)
+        got = tm(torch.from_numpy(inputs["images"][:2]).permute(0, 3, 1, 2)).numpy()
+      diff = difference({"logits": got}, 2)
+    result[fmt] = diff
     result[fmt + "_s"] = round(time.time() - t, 1)
   return result
 

@@ -302,7 +302,7 @@ def export_timm(model: nnx.Module, serving: ServingConfig, out: str) -> list[str
   """Writes ``out/model.safetensors`` and ``out/config.json``; returns their paths."""
   if serving.detector:
     raise ValueError(f"the timm format cannot express {serving.model_name}: timm has no "
-                     "detectors; export it as stablehlo or savedmodel")
+                     "detectors; export it as stablehlo, savedmodel or onnx")
   arch = architecture(model, serving.model_name)
   weights = state_dict(model, arch.renames)
   channels, (h, w) = serving.channels, serving.image_size
