@@ -16,8 +16,10 @@ checkpoint when it records them, else from --model / --num_classes / --image_siz
 The graph formats take float32 NHWC images normalised as OUT.json says, with any batch size
 (--batch dynamic) or a fixed one; with --with_preprocessing they take uint8 images of
 --input_size and resize, centre-crop (as timm does with --crop_pct; no crop without it) and
-normalise them themselves. They return {"logits"}, and a detector's (YOLOS, DETR) also {"boxes"} from
-images and a pixel_mask. Takes train.py's process flags too (vit_jax/command_line.py).
+normalise them themselves. They return {"logits"}; a detector's (YOLOS, DETR) take images, a
+pixel_mask and image_sizes (each original height, width) and return HF's raw "logits" and
+"pred_boxes" and the post-processed "scores", "labels" and pixel "boxes" of every query. Takes
+train.py's process flags too (vit_jax/command_line.py).
 """
 
 from __future__ import annotations

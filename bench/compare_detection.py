@@ -453,13 +453,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  if args.worker:
-    result = run_worker(args)
-    harness.print_result(result)
-    return result
-  if args.train:
-    return run_training(args)
-  return run_driver(args)
+  return harness.worker_or_driver(args, bool(args.worker), run_worker,
+                                  run_training if args.train else run_driver)
 
 
 if __name__ == "__main__":

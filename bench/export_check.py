@@ -3,7 +3,8 @@
   .venv/bin/python bench/export_check.py [--models ViT-Ti/16,...] [--formats stablehlo,savedmodel,onnx,timm]
 
 For each model: the JAX model's logits on 2 random images (the detectors at 512 x 512, 91 classes,
-with a pixel mask that pads the second image: logits and boxes), then the same images through the
+with a pixel mask that pads the second image: raw logits and boxes and the post-processed scores,
+labels and pixel boxes, those divided by the image size), then the same images through the
 stablehlo artifact (deserialised; dynamic batch, also checked at batch 3), the SavedModel in
 TensorFlow, the ONNX graph in onnxruntime (also at batch 3) and the timm export loaded by timm;
 prints the max abs difference of each (the bar: 1e-4, and beside it the largest logit) or why the
@@ -51,6 +52,7 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
   import jax
   import numpy as np
 
+  from vit_jax.detection.postprocess import postprocess
   from vit_jax.export import ServingConfig, export
 
   detector = name in DETECTORS
@@ -63,14 +65,21 @@ def check(name: str, formats: list[str], out_dir: str) -> dict:
   if detector:
     inputs["pixel_mask"] = np.ones((3, *size), np.float32)
     inputs["pixel_mask"][1, :, size[1] // 2:] = 0  # the second image padded on the right
+    inputs["image_sizes"] = np.array([[480, 640], [512, 256], [640, 480]], np.int32)
     out = jax.jit(lambda x, m: model(x, pixel_mask=m))(inputs["images"], inputs["pixel_mask"])
-    want = {k: np.asarray(out[k]) for k in ("logits", "boxes")}
+    want = {"logits": out["logits"], "pred_boxes": out["boxes"],
+            **postprocess(out, inputs["image_sizes"])}
+    want = {k: np.asarray(v) for k, v in want.items()}
   else:
     want = {"logits": np.asarray(jax.jit(lambda x: model(x))(inputs["images"]))}
   result = {"model": name, "size": list(size), "max_abs_logit": float(np.abs(want["logits"]).max())}
 
   def difference(got: dict, n: int) -> float:
-    return max(float(np.abs(np.asarray(got[k]) - want[k][:n]).max()) for k in want)
+    """Max abs difference over the outputs; pixel boxes relative to the image size (a 1e-4
+    bar on [0, 1] coordinates)."""
+    def scale(k):
+      return inputs["image_sizes"][:n].max() if k == "boxes" and detector else 1.0
+    return max(float(np.abs(np.asarray(got[k]) - want[k][:n]).max() / scale(k)) for k in want)
 
   first2 = {k: v[:2] for k, v in inputs.items()}
   for fmt in formats:

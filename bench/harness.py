@@ -371,6 +371,17 @@ def print_result(result: dict[str, Any]) -> None:
   print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def worker_or_driver(args: Any, is_worker: bool, run_worker: Callable[[Any], dict[str, Any]],
+                     run_driver: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+  """A script's main: as a worker (``is_worker``), measure and print the result line the driver
+  reads; else drive the fresh worker processes."""
+  if is_worker:
+    result = run_worker(args)
+    print_result(result)
+    return result
+  return run_driver(args)
+
+
 def run_worker_process(cmd: Sequence[str], what: str, **kwargs: Any) -> dict[str, Any]:
   """Runs worker ``cmd`` (``subprocess.run`` keyword arguments in ``kwargs``) and returns the
   result it printed; a failure raises with the worker's stderr (``what`` names the worker)."""

@@ -115,11 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
-  if args.worker_cores:
-    result = run_worker(args)
-    harness.print_result(result)
-    return result
-  return run_driver(args)
+  return harness.worker_or_driver(args, bool(args.worker_cores), run_worker, run_driver)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tests.train_configs import ROOT, tiny_config
 from vit_jax import checkpoints, models
 from vit_jax import export as exporting
 from vit_jax.checkpoints import hf_export, mapping, param_tree
+from vit_jax.detection.postprocess import postprocess
 from vit_jax.export import timm_format
 
 TOL = 1e-4
@@ -164,7 +165,7 @@ def test_onnx_refuses_an_operation_it_has_no_rule_for(tmp_path):
                      str(tmp_path / "m.onnx"), platforms=("cuda",))
 
 
-def test_detectors_export_logits_and_boxes(tmp_path):
+def test_detectors_export_raw_and_post_processed_outputs(tmp_path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   yolos = randomized("YOLOS-Ti", image_size=(32, 48), num_classes=5, patch_size=8,
                      num_det_tokens=6, **TINY_VIT)
@@ -176,27 +177,33 @@ def test_detectors_export_logits_and_boxes(tmp_path):
     x = images(2, size)
     mask = np.ones((2, *size), np.float32)
     mask[1, :, size[1] // 2:] = 0  # the second image padded on the right
-    want = jax.jit(lambda images, pixel_mask: model(images, pixel_mask=pixel_mask))(x, mask)
+    sizes = np.array([[480, 640], [300, 200]], np.int32)  # the original images' (height, width)
+    raw = jax.jit(lambda images, pixel_mask: model(images, pixel_mask=pixel_mask))(x, mask)
+    want = {"logits": raw["logits"], "pred_boxes": raw["boxes"], **postprocess(raw, sizes)}
+    want = {k: np.asarray(v) for k, v in want.items()}
+    assert want["boxes"][..., 2:].max() > 100  # pixels of the original images
+    tol = {k: TOL * (640 if k == "boxes" else 1) for k in want}  # 1e-4 of the image's size
     path = str(tmp_path / f"{name}.shlo")
     exporting.export(model, serving, "stablehlo", path)
-    assert [i["name"] for i in json.load(open(path + ".json"))["inputs"]] == ["images", "pixel_mask"]
-    got = jax.export.deserialize(open(path, "rb").read()).call(x, mask)
-    assert set(got) == {"logits", "boxes"}
+    assert [i["name"] for i in json.load(open(path + ".json"))["inputs"]] == [
+        "images", "pixel_mask", "image_sizes"]
+    got = jax.export.deserialize(open(path, "rb").read()).call(x, mask, sizes)
+    assert set(got) == set(want) == {"logits", "pred_boxes", "scores", "labels", "boxes"}
     for key in got:
-      np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), atol=TOL, rtol=0)
+      np.testing.assert_allclose(np.asarray(got[key]), want[key], atol=tol[key], rtol=0, err_msg=key)
     exporting.export(model, serving, "onnx", str(tmp_path / f"{name}.onnx"))
     session = onnx_session(str(tmp_path / f"{name}.onnx"))
     got = dict(zip([o.name for o in session.get_outputs()],
-                   session.run(None, {"images": x, "pixel_mask": mask})))
-    assert set(got) == {"logits", "boxes"}
-    for key in got:
-      np.testing.assert_allclose(got[key], np.asarray(want[key]), atol=TOL, rtol=0)
+                   session.run(None, {"images": x, "pixel_mask": mask, "image_sizes": sizes})))
+    assert got["labels"].dtype == np.int32
+    for key in want:
+      np.testing.assert_allclose(got[key], want[key], atol=tol[key], rtol=0, err_msg=key)
     if name == "YOLOS-Ti":
       exporting.export(model, serving, "savedmodel", str(tmp_path / "yolos"))
       serve = tf.saved_model.load(str(tmp_path / "yolos")).signatures["serving_default"]
-      got = serve(images=tf.constant(x), pixel_mask=tf.constant(mask))
-      for key in ("logits", "boxes"):
-        np.testing.assert_allclose(got[key].numpy(), np.asarray(want[key]), atol=TOL, rtol=0)
+      got = serve(images=tf.constant(x), pixel_mask=tf.constant(mask), image_sizes=tf.constant(sizes))
+      for key in want:
+        np.testing.assert_allclose(got[key].numpy(), want[key], atol=tol[key], rtol=0, err_msg=key)
   with pytest.raises(ValueError, match="detector: baking in the preprocessing"):
     exporting.export(yolos, exporting.ServingConfig("YOLOS-Ti", 5, (32, 48), detector=True),
                      "stablehlo", str(tmp_path / "p.shlo"), preprocess=True)

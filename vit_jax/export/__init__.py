@@ -18,7 +18,8 @@
 The graph formats take NHWC float32 images normalised as ``serving`` says (a symbolic batch by
 default), or with ``preprocess=True`` uint8 images of one size that the artifact resizes,
 centre-crops and normalises itself (``preprocessing.py``). They return ``{"logits": ...}``;
-YOLOS and DETR also take ``pixel_mask`` and return ``"boxes"``.
+YOLOS and DETR also take ``pixel_mask`` and ``image_sizes`` and return HF's raw ``logits`` and
+``pred_boxes`` and the post-processed ``scores``, ``labels`` and pixel ``boxes`` per query.
 """
 
 from __future__ import annotations

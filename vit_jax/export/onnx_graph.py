@@ -621,7 +621,7 @@ def export_onnx(model: nnx.Module, serving: ServingConfig, out: str, *,
   import onnx  # pylint: disable=g-import-not-at-top
   fn = serving_lib.serving_function(model, serving, preprocessing)
   specs = serving_lib.input_specs(serving, batch, preprocessing)
-  proto = build_model(fn, specs, ("images", "pixel_mask")[:len(specs)])
+  proto = build_model(fn, specs, serving_lib.INPUT_NAMES[:len(specs)])
   out = os.fspath(out)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   written = [out]

@@ -52,7 +52,8 @@ def export_savedmodel(model: nnx.Module, serving: ServingConfig, out: str, *,
                       platforms: Sequence[str] | None = None) -> list[str]:
   """Writes the SavedModel directory ``out`` and ``out.json``; returns both paths.
 
-  The ``serving_default`` signature takes ``images`` (and a detector's ``pixel_mask``) with a
+  The ``serving_default`` signature takes ``images`` (and a detector's ``pixel_mask`` and
+  ``image_sizes``) with a
   batch dimension of any size (``batch=None``) or of ``batch``.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -75,7 +76,7 @@ def export_savedmodel(model: nnx.Module, serving: ServingConfig, out: str, *,
   converted = jax2tf.convert(exported.call, polymorphic_shapes=polymorphic, with_gradient=False,
                              native_serialization_platforms=platforms)
 
-  names = ("images", "pixel_mask")
+  names = serving_lib.INPUT_NAMES
   signature = [tf.TensorSpec([batch] + list(s.shape[1:]), tf.as_dtype(np.dtype(s.dtype)), name=n)
                for n, s in zip(names, specs)]
   module = tf.Module()

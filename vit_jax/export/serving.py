@@ -22,6 +22,7 @@ from vit_jax.export.preprocessing import Preprocessing
 
 # Options that the model name fixes when --model is given (as in predict.py).
 SIZE_OPTIONS = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
+INPUT_NAMES = ("images", "pixel_mask", "image_sizes")  # a classifier takes the first only
 DETECTORS = ("YOLOS", "DETR")  # model families whose outputs are boxes (as in predict.py)
 DEFAULT_CANVAS = (800, 1333)   # a released detector's input when the checkpoint records none
 NORMALIZATIONS = {
@@ -118,28 +119,36 @@ def load_checkpoint(checkpoint: str, model_name: str | None = None, *,
 
 
 def outputs(net: nnx.Module, serving: ServingConfig, preprocessing: Preprocessing | None,
-            images: jax.Array, pixel_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-  """What an exported model returns: ``{"logits"}``, and ``"boxes"`` for a detector (inference
-  mode; with ``preprocessing``, ``images`` are uint8 of its input size)."""
+            images: jax.Array, pixel_mask: jax.Array | None = None,
+            image_sizes: jax.Array | None = None) -> dict[str, jax.Array]:
+  """What an exported model returns (inference mode; with ``preprocessing``, ``images`` are
+  uint8 of its input size): a classifier ``{"logits"}``; a detector, given also the pixel mask
+  and each image's original (height, width), HF's raw outputs ``logits`` [b, q, classes + 1]
+  and ``pred_boxes`` [b, q, 4] (normalised cxcywh) and, as HF's
+  ``post_process_object_detection``, each query's ``scores``, ``labels`` and ``boxes`` (pixel
+  x0, y0, x1, y1 in the original image; vit_jax.detection.postprocess)."""
   x = preprocessing(images) if preprocessing is not None else images
   if serving.detector:
+    from vit_jax.detection.postprocess import postprocess  # pylint: disable=g-import-not-at-top
     out = net(x, pixel_mask=pixel_mask)
-    return {"logits": out["logits"], "boxes": out["boxes"]}
+    return {"logits": out["logits"], "pred_boxes": out["boxes"], **postprocess(out, image_sizes)}
   return {"logits": net(x)}
 
 
 def serving_function(model: nnx.Module, serving: ServingConfig,
                      preprocessing: Preprocessing | None = None) -> Callable[..., dict[str, jax.Array]]:
-  """``fn(images[, pixel_mask])`` -> ``outputs(...)``, the model's parameters closed over
-  (constants of the traced module)."""
+  """``fn(images[, pixel_mask, image_sizes])`` -> ``outputs(...)``, the model's parameters
+  closed over (constants of the traced module)."""
   graphdef, state = nnx.split(model)
   return lambda *inputs: outputs(nnx.merge(graphdef, state), serving, preprocessing, *inputs)
 
 
 def input_specs(serving: ServingConfig, batch: int | None,
                 preprocessing: Preprocessing | None = None) -> list[jax.ShapeDtypeStruct]:
-  """The exported function's inputs: images [b, H, W, C] (float32, or uint8 with the
-  preprocessing), and a detector's pixel mask [b, H, W]; ``batch=None``: a symbolic ``b``."""
+  """The exported function's inputs (named ``INPUT_NAMES``): images [b, H, W, C] (float32, or
+  uint8 with the preprocessing), and a detector's pixel mask [b, H, W] (float32, 1 on the image,
+  0 on padding) and image sizes [b, 2] (int32 original height and width, which the boxes are
+  scaled to); ``batch=None``: a symbolic ``b``."""
   if batch is not None and batch < 1:
     raise ValueError(f"batch {batch}: give a positive batch size or None (any)")
   b = jax.export.symbolic_shape("b")[0] if batch is None else int(batch)
@@ -148,6 +157,7 @@ def input_specs(serving: ServingConfig, batch: int | None,
   specs = [jax.ShapeDtypeStruct((b, h, w, serving.channels), dtype)]
   if serving.detector:
     specs.append(jax.ShapeDtypeStruct((b, h, w), jnp.float32))
+    specs.append(jax.ShapeDtypeStruct((b, 2), jnp.int32))
   return specs
 
 
@@ -157,7 +167,7 @@ def describe(serving: ServingConfig, fmt: str, in_specs: list[jax.ShapeDtypeStru
   """The JSON sidecar: the inputs and outputs (a symbolic batch as "b") and ``serving``."""
   def shape(s):
     return [d if isinstance(d, int) else str(d) for d in s.shape]
-  names = ("images", "pixel_mask")
+  names = INPUT_NAMES
   return {"format": fmt,
           "inputs": [{"name": n, "shape": shape(s), "dtype": str(np.dtype(s.dtype))}
                      for n, s in zip(names, in_specs)],
