@@ -59,6 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--normalize", choices=("minus_one_one", "imagenet"),
                  help="pixel scaling: minus_one_one ([-1, 1], this trainer's and predict.py's; "
                       "default) or imagenet mean/std")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="compute dtype of the exported graph (default: the checkpoint's; onnx needs "
+                      "float32, which onnxruntime's CPU kernels implement)")
   p.add_argument("--labels", help="class names: imagenet1k | imagenet21k | a TFDS dataset name | "
                                   "imagefolder:/root | a text file (default: the checkpoint's)")
   p.add_argument("--platforms", help="stablehlo/savedmodel: backends to lower for, e.g. cpu,cuda "
@@ -109,7 +112,7 @@ def run(argv: list[str]) -> list[str]:
   from vit_jax import export as exporting  # pylint: disable=g-import-not-at-top
   model, serving, ckpt = exporting.load_checkpoint(
       args.checkpoint, args.model, image_size=image_size, num_classes=args.num_classes,
-      normalize=args.normalize)
+      normalize=args.normalize, dtype=args.dtype)
   if args.crop_pct is not None:
     serving = dataclasses.replace(serving, crop_pct=args.crop_pct)
   if args.labels or serving.class_names is None:

@@ -375,6 +375,7 @@ def test_bad_command_lines_give_one_error_line(tmp_path, capsys):
       (["--checkpoint", npz, "--format", "tflite"],
        "--format 'tflite' is not one of stablehlo, savedmodel, onnx, timm"),
       (["--checkpoint", npz, "--format", "onnx", "--platforms", "cuda"], "onnx format has no platforms"),
+      (["--checkpoint", npz, "--format", "onnx", "--dtype", "bfloat16"], "export.py --dtype float32"),
       (["--checkpoint", str(tmp_path / "none.npz"), "--format", "stablehlo"], "does not exist"),
       (["--checkpoint", npz, "--format", "timm", "--with_preprocessing"], "does not bake in"),
       (["--checkpoint", npz, "--format", "stablehlo", "--batch", "0"], "--batch '0'"),

@@ -580,6 +580,10 @@ def build_model(fn: Callable[..., dict[str, jax.Array]], specs: Sequence[jax.Sha
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper  # pylint: disable=g-import-not-at-top
   closed = jax.make_jaxpr(fn)(*specs)
+  if _computes_in(closed.jaxpr, np.dtype(jax.numpy.bfloat16)):
+    raise ValueError("the model computes in bfloat16, which onnxruntime's CPU kernels do not "
+                     "implement (MatMul, Expand, ...): export it computing in float32 "
+                     "(export.py --dtype float32; the parameters are float32 either way)")
   out_tree = jax.tree_util.tree_structure(jax.eval_shape(fn, *specs))
   b = GraphBuilder()
   inputs, args = [], []
@@ -607,6 +611,18 @@ def build_model(fn: Callable[..., dict[str, jax.Array]], specs: Sequence[jax.Sha
   model.ir_version = IR_VERSION
   onnx.checker.check_model(model) if model.ByteSize() < _EXTERNAL_BYTES else None
   return model
+
+
+def _computes_in(jaxpr, dtype: np.dtype) -> bool:
+  """Whether any value of ``jaxpr`` (or of a jaxpr inside it) has ``dtype``."""
+  for eqn in jaxpr.eqns:
+    if any(np.dtype(v.aval.dtype) == dtype for v in eqn.outvars if hasattr(v.aval, "dtype")):
+      return True
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if isinstance(inner, jax.extend.core.Jaxpr) and _computes_in(inner, dtype):
+        return True
+  return False
 
 
 def op_types(model) -> list[str]:

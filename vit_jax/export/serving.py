@@ -80,6 +80,7 @@ def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 def load_checkpoint(checkpoint: str, model_name: str | None = None, *,
                     image_size: int | tuple[int, int] | None = None,
                     num_classes: int | None = None, normalize: str | None = None,
+                    dtype: str | None = None,
                     ) -> tuple[nnx.Module, ServingConfig, readers.Checkpoint]:
   """The model a checkpoint holds with its weights, its ``ServingConfig``, and the checkpoint
   read (whose ``meta`` names a trainer checkpoint's dataset).
@@ -88,7 +89,8 @@ def load_checkpoint(checkpoint: str, model_name: str | None = None, *,
   trainer, a released ``.npz``, a timm ``.safetensors`` / torch file). The model name, classes
   and size come from the checkpoint when it records them; ``model_name``, ``num_classes`` and
   ``image_size`` override. ``normalize``: one of ``NORMALIZATIONS`` (default: [-1, 1], as this
-  library trains and predict.py feeds every classifier).
+  library trains and predict.py feeds every classifier). ``dtype``: the compute dtype
+  (float32 | bfloat16; default: the checkpoint's, the parameters stay float32).
   """
   from vit_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
   from vit_jax.checkpoints import loading  # pylint: disable=g-import-not-at-top
@@ -107,8 +109,9 @@ def load_checkpoint(checkpoint: str, model_name: str | None = None, *,
     size = _pair(spec.image_size)
   if not detector and size[0] != size[1]:
     raise ValueError(f"image size {size[0]}x{size[1]}: {spec.name} classifiers take squares")
+  overrides = dict(spec.overrides, **({"dtype": dtype} if dtype else {}))
   model = models.create(spec.name, num_classes=spec.num_classes,
-                        image_size=size if detector else size[0], **spec.overrides)
+                        image_size=size if detector else size[0], **overrides)
   checkpoints.load_pretrained(model, ckpt)
   channels = int(spec.overrides.get("channels", 3))
   mean, std = NORMALIZATIONS[normalize]
