@@ -153,6 +153,38 @@ def test_onnx_every_family(tmp_path, name, options, ops):
                              atol=TOL, rtol=0)
 
 
+def test_onnx_rules_agree_with_jax_on_edge_cases(tmp_path):
+  """Broadcasts kept small until a shape-sensitive operation, empty reductions, broadcast
+  constants in products, and refusals where a rule would be wrong (found in review)."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  from vit_jax.export import onnx_graph  # pylint: disable=g-import-not-at-top
+  jnp = jax.numpy
+  b, = jax.export.symbolic_shape("b")
+  x = np.arange(12, dtype=np.float32).reshape(3, 4) - 5
+  cases = {
+      "broadcast_times_literal": lambda v: jnp.sum(jnp.broadcast_to(v[:1], (5, 4)) * 2.0, 0),
+      "count_of_broadcast": lambda v: jnp.sum(jnp.broadcast_to(v[:, None], (v.shape[0], 2, 4)) > 0,
+                                              axis=1).astype(jnp.float32),
+      "empty_axes": lambda v: jnp.sum(v, axis=()) + jnp.max(v, axis=()),
+      "broadcast_constant_product": lambda v: jnp.einsum("bk,knm->bnm", v, jnp.full((4, 2, 3), .5)),
+  }
+  for name, fn in cases.items():
+    proto = onnx_graph.build_model(lambda v, fn=fn: {"y": fn(v)},
+                                   [jax.ShapeDtypeStruct((b, 4), np.float32)], ["images"])
+    onnx.save_model(proto, str(tmp_path / f"{name}.onnx"))
+    got, = onnx_session(str(tmp_path / f"{name}.onnx")).run(None, {"images": x})
+    np.testing.assert_allclose(got, np.asarray(fn(x)), atol=1e-6, rtol=0, err_msg=name)
+  refused = {
+      "not linear": (lambda v: jnp.zeros((v.shape[0] // 8, 3)), (b, 3)),
+      "fills out-of-bounds": (lambda v: jnp.take(v, v[:, 0].astype(jnp.int32), axis=1), (3, 4)),
+      "bitwise 'and' on integers": (lambda v: v.astype(jnp.int32) & 3, (3, 4)),
+  }
+  for message, (fn, shape) in refused.items():
+    with pytest.raises(onnx_graph.UnsupportedPrimitive, match=message):
+      onnx_graph.build_model(lambda v, fn=fn: {"y": fn(v)},
+                             [jax.ShapeDtypeStruct(shape, np.float32)], ["images"])
+
+
 def test_onnx_refuses_an_operation_it_has_no_rule_for(tmp_path):
   from vit_jax.export import onnx_graph  # pylint: disable=g-import-not-at-top
   spec = jax.ShapeDtypeStruct((2, 5), np.float32)

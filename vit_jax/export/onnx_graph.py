@@ -11,7 +11,8 @@ inputs are all parameters are evaluated once here (a weight-standardised kernel 
 standardised, a transposed kernel transposed). A symbolic batch dimension stays symbolic: shapes
 that depend on it are computed in the graph from the input's shape. A primitive without a rule
 is refused with its name. Needs the ``onnx`` package (``requirements-dev.txt``); models past
-protobuf's 2 GB limit keep their weights in ``PATH.data``.
+protobuf's 2 GB limit keep their weights in ``PATH.data``. NaN differs where ONNX's operators
+differ from XLA's: a maximum or argmax over a NaN, a NaN cast to an integer.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class GraphBuilder:
     symbol, = names
     c = int(dim._evaluate({symbol: 0}))  # pylint: disable=protected-access
     k = int(dim._evaluate({symbol: 1})) - c  # pylint: disable=protected-access
-    if int(dim._evaluate({symbol: 7})) != 7 * k + c:  # pylint: disable=protected-access
+    if any(int(dim._evaluate({symbol: v})) != k * v + c  # pylint: disable=protected-access
+           for v in (2, 3, 7, 8, 16, 31, 64, 1000, 4096)):
       raise UnsupportedPrimitive(f"dimension {dim} is not linear in {symbol}")
     return symbol, k, c
 
@@ -139,6 +141,10 @@ class GraphBuilder:
 def _same(a, b) -> bool:
   """Whether two dimensions (ints or symbolic) are the same."""
   return str(a) == str(b)
+
+
+def _same_shape(a: Sequence[Any], b: Sequence[Any]) -> bool:
+  return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
 def _is_static(shape: Sequence[Any]) -> bool:
@@ -201,13 +207,20 @@ class Converter:
     if prim in IDENTITY:
       return list(ins)
     if all(v.const is not None for v in ins) and self._foldable(eqn, ins):
-      return self._fold(eqn, ins)
+      try:
+        return self._fold(eqn, ins)
+      except Exception:  # pylint: disable=broad-except  (not evaluable here: the rule decides)
+        pass
     rule = RULES.get(prim)
     if rule is None:
       raise UnsupportedPrimitive(
           f"the JAX operation {prim!r} has no ONNX rule (vit_jax/export/onnx_graph.py): this "
           "model cannot be exported to ONNX; export it as stablehlo or savedmodel")
-    outs = rule(self, eqn, ins)
+    try:
+      outs = rule(self, eqn, ins)
+    except (jax.errors.InconclusiveDimensionOperation, TypeError) as e:
+      raise UnsupportedPrimitive(f"the JAX operation {prim!r} on symbolic shapes has no ONNX "
+                                 f"rule here ({e}); export with a fixed --batch") from None
     return [o if isinstance(o, _Value) else _Value(v.aval, name=o)
             for o, v in zip(outs, eqn.outvars)]
 
@@ -250,17 +263,21 @@ def rule(*names: str):
   return register
 
 
+def _elementwise(c: Converter, eqn, ins: list, build: Callable[..., str]) -> list:
+  """An element-wise operation on the inputs as they are (broadcasting in ONNX): the result is
+  exact when an input of the output's full shape is, else as loose as its inputs."""
+  names = [c.loose(v) for v in ins]
+  shape = tuple(eqn.outvars[0].aval.shape)
+  exact = any(v.exact and _same_shape(v.aval.shape, shape) for v in ins)
+  return [_Value(eqn.outvars[0].aval, name=build(*names), exact=exact)]
+
+
 def _unary(onnx_op: str) -> Rule:
-  return lambda c, eqn, ins: [c.b.op(onnx_op, c.name(ins[0]))]
+  return lambda c, eqn, ins: _elementwise(c, eqn, ins, lambda x: c.b.op(onnx_op, x))
 
 
 def _binary(onnx_op: str) -> Rule:
-  def convert(c: Converter, eqn, ins):
-    names = [c.loose(v) for v in ins]
-    exact = any(v.exact for v in ins)
-    out = c.b.op(onnx_op, *names)
-    return [_Value(eqn.outvars[0].aval, name=out, exact=exact)]
-  return convert
+  return lambda c, eqn, ins: _elementwise(c, eqn, ins, lambda *xs: c.b.op(onnx_op, *xs))
 
 
 for _jax_op, _onnx_op in ELEMENTWISE_UNARY.items():
@@ -271,26 +288,47 @@ for _jax_op, _onnx_op in ELEMENTWISE_BINARY.items():
 
 @rule("rsqrt")
 def _rsqrt(c, eqn, ins):
-  return [c.b.op("Reciprocal", c.b.op("Sqrt", c.name(ins[0])))]
+  return _elementwise(c, eqn, ins, lambda x: c.b.op("Reciprocal", c.b.op("Sqrt", x)))
 
 
 @rule("square")
 def _square(c, eqn, ins):
-  x = c.name(ins[0])
-  return [c.b.op("Mul", x, x)]
+  return _elementwise(c, eqn, ins, lambda x: c.b.op("Mul", x, x))
 
 
 @rule("integer_pow")
 def _integer_pow(c, eqn, ins):
-  x, y = c.name(ins[0]), eqn.params["y"]
+  y = eqn.params["y"]
   if y == 2:
-    return [c.b.op("Mul", x, x)]
-  return [c.b.op("Pow", x, c.b.constant(np.asarray(y, ins[0].aval.dtype)))]
+    return _elementwise(c, eqn, ins, lambda x: c.b.op("Mul", x, x))
+  power = c.b.constant(np.asarray(y, ins[0].aval.dtype))
+  return _elementwise(c, eqn, ins, lambda x: c.b.op("Pow", x, power))
+
+
+@rule("dimension_as_value", "dim_as_value")
+def _dim_as_value(c, eqn, ins):
+  from onnx import helper  # pylint: disable=g-import-not-at-top
+  value = c.b.op("Squeeze", c.b.dim_tensor(eqn.params["dim"]), c.b.ints([0]))
+  dtype = np.dtype(eqn.outvars[0].aval.dtype)
+  return [value if dtype == np.int64 else
+          c.b.op("Cast", value, to=helper.np_dtype_to_tensor_dtype(dtype))]
+
+
+def _logical(onnx_op: str) -> Rule:
+  def convert(c, eqn, ins):
+    if any(np.dtype(v.aval.dtype) != np.bool_ for v in ins):
+      raise UnsupportedPrimitive(f"bitwise {eqn.primitive.name!r} on integers has no ONNX rule "
+                                 "(ONNX's And, Or and Not take booleans)")
+    return _elementwise(c, eqn, ins, lambda *xs: c.b.op(onnx_op, *xs))
+  return convert
+
+
+RULES["and"], RULES["or"], RULES["not"] = _logical("And"), _logical("Or"), _logical("Not")
 
 
 @rule("ne")
 def _ne(c, eqn, ins):
-  return [c.b.op("Not", c.b.op("Equal", c.name(ins[0]), c.name(ins[1])))]
+  return _elementwise(c, eqn, ins, lambda x, y: c.b.op("Not", c.b.op("Equal", x, y)))
 
 
 @rule("convert_element_type")
@@ -299,25 +337,27 @@ def _convert(c, eqn, ins):
   dtype = np.dtype(eqn.params["new_dtype"])
   if dtype == np.dtype(ins[0].aval.dtype):
     return [ins[0]]
-  return [c.b.op("Cast", c.name(ins[0]), to=helper.np_dtype_to_tensor_dtype(dtype))]
+  to = helper.np_dtype_to_tensor_dtype(dtype)
+  return _elementwise(c, eqn, ins, lambda x: c.b.op("Cast", x, to=to))
 
 
 @rule("select_n")
 def _select_n(c, eqn, ins):
-  pred, cases = ins[0], ins[1:]
-  if np.dtype(pred.aval.dtype) == np.bool_:
-    return [c.b.op("Where", c.name(pred), c.name(cases[1]), c.name(cases[0]))]
-  out = c.name(cases[0])
-  for i, case in enumerate(cases[1:], start=1):
-    is_i = c.b.op("Equal", c.name(pred), c.b.constant(np.asarray(i, pred.aval.dtype)))
-    out = c.b.op("Where", is_i, c.name(case), out)
-  return [out]
+  dtype = np.dtype(ins[0].aval.dtype)
+
+  def select(pred, *cases):
+    if dtype == np.bool_:
+      return c.b.op("Where", pred, cases[1], cases[0])
+    out = cases[0]
+    for i, case in enumerate(cases[1:], start=1):
+      out = c.b.op("Where", c.b.op("Equal", pred, c.b.constant(np.asarray(i, dtype))), case, out)
+    return out
+  return _elementwise(c, eqn, ins, select)
 
 
 @rule("clamp")
 def _clamp(c, eqn, ins):
-  lo, x, hi = ins
-  return [c.b.op("Min", c.b.op("Max", c.name(x), c.loose(lo)), c.loose(hi))]
+  return _elementwise(c, eqn, ins, lambda lo, x, hi: c.b.op("Min", c.b.op("Max", x, lo), hi))
 
 
 @rule("reshape")
@@ -401,6 +441,8 @@ def _pad(c, eqn, ins):
 
 def _reduce(onnx_op: str) -> Rule:
   def convert(c, eqn, ins):
+    if not eqn.params["axes"]:  # ONNX would reduce every axis
+      return [ins[0]]
     return [c.b.op(onnx_op, c.name(ins[0]), c.b.ints(eqn.params["axes"]), keepdims=0)]
   return convert
 
@@ -450,9 +492,26 @@ def _gather(c, eqn, ins):
   if dn.operand_batching_dims or indices.aval.shape[-1:] != (len(axes),):
     raise unsupported
   index_shape = tuple(indices.aval.shape[:-1])
-  if not dn.collapsed_slice_dims and not index_shape and indices.const is not None and full(axes):
+  const = None if indices.const is None else np.broadcast_to(indices.const, indices.aval.shape)
+  fill = "FILL" in str(eqn.params.get("mode", ""))
+  if fill:  # out-of-bounds indices give the fill value: only constant, in-bounds ones convert
+    limits = [int(shape[a]) - int(slice_sizes[a]) if _is_static((shape[a],)) else -1 for a in axes]
+    if const is None or not all(0 <= int(i) <= lim for i, lim in
+                                zip(const.reshape(-1, len(axes)).T.reshape(len(axes), -1).max(1),
+                                    limits)) or (const < 0).any():
+      raise UnsupportedPrimitive("a gather that fills out-of-bounds indices (jnp.take's default) "
+                                 "has no ONNX rule unless its indices are constant and in bounds")
+  if const is not None and not fill and all(_is_static((shape[a],)) for a in axes):
+    # XLA clamps each start into [0, dimension - slice size] (ONNX would wrap or fail).
+    high = np.array([int(shape[a]) - int(slice_sizes[a]) for a in axes])
+    const = np.clip(const, 0, high).astype(const.dtype)
+    indices = _Value(indices.aval, const=const)
+  if not dn.collapsed_slice_dims and not index_shape and const is not None and full(axes):
+    if any(not _is_static((shape[a],)) and int(i) != 0 for i, a in zip(const, axes)):
+      raise UnsupportedPrimitive("a slice along a symbolic dimension has no ONNX rule unless "
+                                 "it starts at 0")
     starts = [min(max(int(i), 0), int(shape[a]) - int(slice_sizes[a]))
-              for i, a in zip(indices.const, axes)]
+              if _is_static((shape[a],)) else 0 for i, a in zip(const, axes)]
     ends = [s + int(slice_sizes[a]) for s, a in zip(starts, axes)]
     return [c.b.op("Slice", c.name(x), c.b.ints(starts), c.b.ints(ends), c.b.ints(axes))]
   if (sorted(dn.collapsed_slice_dims) != sorted(axes) or not full(axes)
@@ -487,7 +546,7 @@ def _transposed(c: Converter, value: _Value, perm: Sequence[int]) -> _Value:
   shape = tuple(value.aval.shape[p] for p in perm)
   aval = value.aval.update(shape=shape)
   if value.const is not None and value.name is None:
-    return _Value(aval, const=np.transpose(value.const, perm))
+    return _Value(aval, const=np.transpose(np.broadcast_to(value.const, value.aval.shape), perm))
   return _Value(aval, name=c.b.op("Transpose", c.name(value), perm=list(perm)))
 
 
@@ -496,7 +555,8 @@ def _reshaped(c: Converter, value: _Value, shape: Sequence[Any]) -> _Value:
     return value
   aval = value.aval.update(shape=tuple(shape))
   if value.const is not None and value.name is None:
-    return _Value(aval, const=value.const.reshape([int(d) for d in shape]))
+    return _Value(aval, const=np.broadcast_to(value.const, value.aval.shape).reshape(
+        [int(d) for d in shape]))
   return _Value(aval, name=c.b.op("Reshape", c.name(value), c.b.shape_tensor(shape, True)))
 
 
@@ -519,6 +579,10 @@ def _dot_general(c, eqn, ins):
   k = _prod([lshape[i] for i in lc])
   if not lc:
     raise UnsupportedPrimitive("dot_general without contracting dimensions has no ONNX rule")
+  out_dtype = np.dtype(eqn.outvars[0].aval.dtype)
+  if np.dtype(lhs.aval.dtype) != out_dtype or np.dtype(rhs.aval.dtype) != out_dtype:
+    raise UnsupportedPrimitive(f"dot_general of {lhs.aval.dtype} and {rhs.aval.dtype} into "
+                               f"{out_dtype} has no ONNX rule (mixed precision)")
   left = _transposed(c, lhs, list(lb) + lf + list(lc))
   right = _transposed(c, rhs, list(rb) + list(rc) + rf)
   if not lb:  # [*lfree, K] @ [K, N]: MatMul broadcasts over the leading dimensions
@@ -597,7 +661,8 @@ def build_model(fn: Callable[..., dict[str, jax.Array]], specs: Sequence[jax.Sha
     args.append(_Value(closed.jaxpr.invars[len(args)].aval, name=name))
   converter = Converter(b)
   results = converter.run(closed.jaxpr, closed.consts, args)
-  keys = [str(path[0].key) for path, _ in jax.tree_util.tree_flatten_with_path(
+  keys = ["_".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(
       jax.tree_util.tree_unflatten(out_tree, range(len(results))))[0]]
   outputs = []
   for key, value, var in zip(keys, results, closed.jaxpr.outvars):
