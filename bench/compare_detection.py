@@ -27,9 +27,11 @@ test scenes by our COCO evaluator; the table sets its AP beside our run's ``fina
 Like with like: HF's DETR freezes every parameter of an HF (non-timm) ResNet backbone (its
 freezing test looks for timm's stage names), so the worker makes them trainable again, as ours
 are; its batch norms are frozen in both. HF's DETR runs with ``auxiliary_loss=True`` (ours has
-the auxiliary losses; HF writes the decoder's final norm into the residual stream after every
-layer where the original and ours apply it to a copy: the same cost). Both start from the same
-weights (HF's YOLOS would otherwise start its tokens and position embeddings at zero).
+the auxiliary losses) and its decoder made the original's (``original_decoder``: HF writes the
+final norm into the residual stream after every layer where the original and ours apply it to a
+copy). Both start from the same weights (HF's YOLOS would otherwise start its tokens and position
+embeddings at zero). ``--jax-devices N`` runs our step data parallel over N CPU devices on the
+same cores.
 """
 
 from __future__ import annotations
