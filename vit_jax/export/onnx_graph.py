@@ -38,10 +38,10 @@ _EXTERNAL_BYTES = 1 << 30
 
 ELEMENTWISE_UNARY = {"exp": "Exp", "log": "Log", "erf": "Erf", "sqrt": "Sqrt", "logistic": "Sigmoid",
                      "sin": "Sin", "cos": "Cos", "tanh": "Tanh", "neg": "Neg", "abs": "Abs",
-                     "floor": "Floor", "ceil": "Ceil", "sign": "Sign", "not": "Not"}
+                     "floor": "Floor", "ceil": "Ceil", "sign": "Sign"}
 ELEMENTWISE_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max",
                       "min": "Min", "pow": "Pow", "eq": "Equal", "lt": "Less", "gt": "Greater",
-                      "le": "LessOrEqual", "ge": "GreaterOrEqual", "and": "And", "or": "Or"}
+                      "le": "LessOrEqual", "ge": "GreaterOrEqual"}  # and, or, not: _logical
 INLINED = ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
            "custom_vjp_call_jaxpr", "remat", "checkpoint")
 IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
@@ -164,9 +164,7 @@ class Converter:
   # Reading values.
   def name(self, value: _Value) -> str:
     """The ONNX tensor of ``value`` with the variable's exact shape."""
-    if value.name is None:
-      value.name = self.b.constant(value.const)
-      value.exact = value.const.shape == tuple(value.aval.shape)
+    self.loose(value)
     if not value.exact:
       value.name = self.b.op("Expand", value.name, self.b.shape_tensor(value.aval.shape))
       value.exact = True
