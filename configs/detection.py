@@ -17,7 +17,8 @@ Reaches: on the embedded digit scenes' 1,000 test scenes (vit_jax/data/digit_sce
                          (AP75 85.6%; so at 15, 30 and 60 min: 92.0% / 69.5%).
          yolos_ti_coco and detr_r50_coco are the papers' COCO recipes: 28.7 AP (YOLOS-Ti)
          and 42.0 AP (DETR-R50) are the papers' figures, not reproduced here (there is no COCO on
-         the machines this project is developed on).
+         the machines this project is developed on). They pad each image to one of five shape
+         buckets (aspect_buckets) rather than one square canvas.
 Your own data (COCO-format annotations and their images; K classes) and a checkpoint to start from
 (a released YOLOS or DETR checkpoint: an HF folder or the original .pth; or a ViT or DeiT
 classifier for YOLOS, timm's distilled DeiTs too, whose det tokens and heads then start new):
@@ -118,6 +119,17 @@ def _coco(c: ml_collections.ConfigDict, canvas: tuple[int, int], train_ops: str,
   c.keep_checkpoints = 3
 
 
+def aspect_buckets(short: int, long: int) -> tuple[tuple[int, int], ...]:
+  """Shape buckets for images resized to a shorter side of at most ``short`` and a longer one of at
+  most ``long``: square, 4:3 and the widest, landscape and portrait, each rounded up to a multiple
+  of 32. Every image goes to the one nearest its aspect ratio; an augmented image larger than its
+  bucket's canvas (a crop of another aspect ratio) is shrunk to fit by ``det_pad``."""
+  up = lambda n: -(-n // 32) * 32
+  mid, wide = up(min(long, -(-short * 4 // 3))), up(long)
+  short = up(short)
+  return ((short, short), (short, mid), (mid, short), (short, wide), (wide, short))
+
+
 def _detr_augment(scales: tuple[int, ...], max_size: int) -> str:
   """DETR's training augmentation: resize to a random scale, or resize-crop-resize."""
   return (f'det_select(0.5, "det_resize({scales}, {max_size})", "det_resize((400, 500, 600))'
@@ -128,6 +140,7 @@ def yolos_ti_coco(c: ml_collections.ConfigDict) -> None:
   """YOLOS-Ti's recipe: 300 epochs at batch 16 (118,287 images per epoch)."""
   scales = tuple(range(256, 609, 32))
   _coco(c, (864, 864), _detr_augment(scales, 864), "det_resize(512, 864)")
+  c.detection.buckets = aspect_buckets(608, 864)
   c.model = base.model_block(name="YOLOS-Ti", num_det_tokens=100, dropout_rate=0.0)
   c.batch_size = 16
   c.total_steps = 300 * 118_287 // 16
@@ -143,6 +156,7 @@ def detr_r50_coco(c: ml_collections.ConfigDict) -> None:
   with its stem and first stage frozen (the original trains layer2-4 of the ResNet)."""
   scales = tuple(range(480, 801, 32))
   _coco(c, (1333, 1333), _detr_augment(scales, 1333), "det_resize(800, 1333)")
+  c.detection.buckets = aspect_buckets(800, 1333)
   c.model = base.model_block(name="DETR-R50", num_queries=100)
   c.batch_size = 64
   steps_per_epoch = 118_287 // 64

@@ -77,6 +77,7 @@ def test_the_real_pipeline_on_mocked_coco_2017(tmp_path, caplog):
   c.model.update(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, num_det_tokens=5,
                  patch_size=16)
   c.detection.canvas = (64, 96)
+  c.detection.buckets = ((64, 96), (96, 64))  # mocked images have random sizes
   c.detection.max_boxes = 2  # mocked images hold more: they are dropped and counted
   c.pp_train = c.pp_train.replace("(864, 864)", "(64, 96)").replace("det_pad_boxes(100)",
                                                                      "det_pad_boxes(2)")
@@ -94,23 +95,28 @@ def test_the_real_pipeline_on_mocked_coco_2017(tmp_path, caplog):
     with caplog.at_level(std_logging.WARNING):
       batch = next(iter(setup.task.train_data(0)))
     assert "beyond max_boxes=2" in caplog.text
-    assert batch["image"].shape == (4, 64, 96, 3) and batch["boxes"].shape == (4, 2, 4)
+    assert batch["image"].shape in ((4, 64, 96, 3), (4, 96, 64, 3)) and batch["boxes"].shape == (4, 2, 4)
     state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
     assert np.isfinite(float(metrics["loss"]))
     result = trainer.evaluate(setup, state, split="validation")
   assert result["images"] == 6 and set(result) >= {"AP", "AP50", "AR100"}
 
 
-def test_a_coco_folder_trains_and_evaluates(tmp_path):
+def test_a_coco_folder_trains_and_evaluates_in_shape_buckets(tmp_path):
+  """Images of three aspect ratios (resized to 32 x 64, 64 x 32 and 48 x 48), one bucket each."""
   ann, images = write_coco(tmp_path)
-  c = tiny("yolos", None, dataset=f"coco:{ann},{images}", num_classes=3, total_steps=2,
-           eval_every=2, train_split="train", eval_split="train")
+  c = tiny("yolos", None, dataset=f"coco:{ann},{images}", num_classes=3, total_steps=3,
+           eval_every=3, train_split="train", eval_split="train")
   c.model.update(channels=3)
+  c.detection.buckets = ((32, 64), (64, 32), (48, 48))
   for key in ("pp_train", "pp_eval"):
     setattr(c, key, re.sub(r"(det_objects(\([^)]*\))?)", r"\1|det_resize(48, 64)",
                            getattr(c, key)))
+  task = tasks.create(c)
+  assert [b["image"].shape for b in task.input_specs(8)] == [(8, h, w, 3) for h, w in c.detection.buckets]
+  assert [b["image"].shape[1:3] for b in task.eval_data()] == [(32, 64), (64, 32), (48, 48)]
   final = trainer.train_and_evaluate(c, str(tmp_path / "wd"), devices=jax.devices()[:1])
-  assert final["images"] == 3 and final["step"] == 2
+  assert final["images"] == 3 and final["step"] == 3
 
 
 def test_labels_outside_the_classes_are_refused(scenes_dir):

@@ -100,6 +100,7 @@ class CocoSplit:
   file_names: list[str]
   image_paths: list[str]
   image_ids: np.ndarray  # int64 [N]
+  image_sizes: np.ndarray  # int64 [N, 2]: (height, width) as the file gives them
   row_splits: np.ndarray  # int64 [N + 1]: objects of image i are rows row_splits[i]:row_splits[i + 1]
   boxes: np.ndarray  # float32 [M, 4] normalised yxyx
   labels: np.ndarray  # int64 [M]
@@ -133,7 +134,9 @@ def load_annotations(path: str, image_dir: str) -> tuple[Categories, CocoSplit]:
   file_names = [images[i][0] for i in order]
   split = CocoSplit(
       path=path, file_names=file_names, image_paths=[os.path.join(image_dir, f) for f in file_names],
-      image_ids=np.asarray(order, np.int64), row_splits=row_splits,
+      image_ids=np.asarray(order, np.int64),
+      image_sizes=np.maximum(1, np.round([images[i][1:] for i in order])).astype(np.int64).reshape(-1, 2),
+      row_splits=row_splits,
       boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int64),
       is_crowd=np.asarray(crowd, bool), num_clipped=clipped, num_dropped=dropped)
   _check_image_files(split, image_dir)
@@ -299,6 +302,12 @@ class CocoFormatSource(Source):
   def shard_sizes(self, split: str, num_shards: int) -> list[int]:
     n = len(self._split(split).image_ids)
     return [n // num_shards + (1 if s < n % num_shards else 0) for s in range(num_shards)]
+
+  def image_sizes(self, split: str, shard: int, num_shards: int) -> np.ndarray:
+    """The images' height and width as the annotation file gives them."""
+    sizes = self.shard_sizes(split, num_shards)
+    start = sum(sizes[:shard])
+    return self._split(split).image_sizes[start:start + sizes[shard]]
 
   def read(self, split: str, shard: int, num_shards: int) -> tuple[Any, Callable | None, bool]:
     tf = import_tf()

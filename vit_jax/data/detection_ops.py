@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vit_jax.data.preprocess_ops import Example, Op, _check_method, _get, _size_hw, parse_pp, register
+from vit_jax.data.preprocess_ops import (Example, Op, _check_method, _get, _size_hw, parse_call, parse_pp,
+                                        register, split_spec)
 from vit_jax.data.tf_runtime import import_tf
 
 OBJECTS = "objects"
@@ -204,6 +205,22 @@ def det_pad(size: Any, method: str = "bilinear") -> Op:
     return {**example, "image": image, "pixel_mask": mask}
 
   return apply
+
+
+def with_pad_size(spec: str, size: tuple[int, int]) -> str:
+  """``spec`` with the size of its one top-level ``det_pad`` set to ``size`` (a shape bucket's canvas)."""
+  texts = split_spec(spec)
+  at = [i for i, t in enumerate(texts) if t and parse_call(t)[0] == "det_pad"]
+  if len(at) != 1:
+    raise ValueError(f"shape buckets pad each image to its bucket's canvas with the preprocessing's "
+                     f"det_pad, so it must hold exactly one det_pad op outside det_select; {spec!r} holds "
+                     f"{len(at)}")
+  _, args, kwargs = parse_call(texts[at[0]])
+  kwargs.pop("size", None)
+  args = (tuple(size),) + tuple(args[1:])
+  arguments = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+  texts[at[0]] = f"det_pad({', '.join(arguments)})"
+  return "|".join(texts)
 
 
 @register("det_pad_boxes")

@@ -24,16 +24,26 @@ Note: `tf.data.Dataset.shuffle` mixes TF's global seed into its seed, so the epo
 Evaluation: one pass over the split, in order, each example exactly once over all processes. Every shard is
 padded with all-zero examples to the same number of batches (so all processes run the same number of steps),
 and a float32 `mask` (1 real, 0 padding) is added to each batch.
+
+Shape buckets (`buckets=`, see `vit_jax.data.buckets`): each record gets a bucket from its image size, and
+each (shard, bucket) pair is a stream of its own, built as above with the bucket's preprocessing (its
+epochs and skips count that pair's records, its keys fold in the bucket). Training step k takes its batch
+from the bucket `BucketSchedule` draws for k, the same on every host; resuming at step k skips in each
+stream the records of the batches its bucket gave before k. Evaluation goes through the buckets in order,
+each shard padded within each bucket. Every bucketed stream reads all of its shard's records and keeps its
+bucket's, so reading a split costs as many passes as there are buckets.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from vit_jax.data import shards
+from vit_jax.data.buckets import Buckets, BucketSchedule
 from vit_jax.data.preprocess_ops import parse_pp
 from vit_jax.data.sources import DatasetInfo, Source, dataset_info, open_source
 from vit_jax.data.tf_runtime import import_tf
@@ -68,15 +78,28 @@ def _concat_shards(tf: Any, streams: list[Any]) -> Any:
       lambda *batches: tf.nest.map_structure(lambda *xs: tf.concat(xs, axis=0), *batches))
 
 
+def _bucket_records(tf: Any, raw: Any, bucket: tuple[np.ndarray, int] | None) -> Any:
+  """(index within the shard, record) pairs, only those of `bucket` = (bucket of each record, bucket)."""
+  raw = raw.enumerate()
+  if bucket is None:
+    return raw
+  table = tf.constant(bucket[0], tf.int64)
+  return raw.filter(lambda i, record: tf.gather(table, i) == bucket[1])
+
+
 def _train_shard(tf: Any, source: Source, *, split: str, shard: int, num_shards: int, size: int,
-                 pp_fn: Callable, seed: int, start_step: int, shard_batch: int, shuffle_buffer: int) -> Any:
-  """One shard's infinite stream of sub-batches, from step `start_step` on."""
+                 pp_fn: Callable, seed: int, start_batch: int, shard_batch: int, shuffle_buffer: int,
+                 bucket: tuple[np.ndarray, int] | None = None) -> Any:
+  """One shard's (or one (shard, bucket) pair's) infinite stream of sub-batches, after skipping the
+  `start_batch` sub-batches it gave before; `size` counts its records."""
   raw, decode, cache = source.read(split, shard, num_shards)
-  raw = raw.enumerate()  # (index within the shard, record)
+  raw = _bucket_records(tf, raw, bucket)
   if cache:
     raw = raw.cache()
   buffer = max(1, min(shuffle_buffer, size))
   shard_key = _shard_key(tf, seed, shard)
+  if bucket is not None:
+    shard_key = _fold_in(tf, shard_key, -1 - bucket[1])  # Epochs fold in 0, 1, ...
 
   def epoch(e):
     epoch_key = _fold_in(tf, shard_key, e)
@@ -87,7 +110,7 @@ def _train_shard(tf: Any, source: Source, *, split: str, shard: int, num_shards:
 
   epoch = tf.autograph.experimental.do_not_convert(epoch)
 
-  first_epoch, offset = divmod(start_step * shard_batch, size)
+  first_epoch, offset = divmod(start_batch * shard_batch, size)
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
   if offset:
     ds = ds.skip(offset)  # Raw records only: nothing is decoded or preprocessed.
@@ -142,14 +165,38 @@ def _as_numpy_iterator(ds: Any) -> Iterator[dict[str, np.ndarray]]:
                        ) from None
 
 
+def _bucket_plan(source: Source, split: str, plan: Any, buckets: Buckets, training: bool
+                 ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+  """The bucket of every record of the local shards, and every shard's record count per bucket (in
+  training, every bucket that has images must have some in every shard)."""
+  tables = {}
+  for shard in plan.local_shards:
+    table = np.asarray(buckets.assign(source.image_sizes(split, shard, plan.num_shards)), np.int64)
+    if len(table) and (table.min() < 0 or table.max() >= len(buckets.pps)):
+      raise ValueError(f"bucket assignment gave buckets outside [0, {len(buckets.pps)})")
+    tables[shard] = table
+  local = np.stack([np.bincount(tables[s], minlength=len(buckets.pps)) for s in plan.local_shards])
+  counts = buckets.counts(local, plan.num_shards)
+  if training:
+    for b in np.flatnonzero(counts.sum(0)):
+      empty = np.flatnonzero(counts[:, b] == 0)
+      if len(empty):
+        raise ValueError(f"shape bucket {b} holds {int(counts[:, b].sum())} training images, none of them in "
+                         f"shard {int(empty[0])} of {plan.num_shards}, which must give it batches too; use "
+                         "fewer data shards or fewer buckets")
+  return tables, counts
+
+
 def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: int, start_step: int = 0,
                   data_dir: str | None = None, shuffle_buffer: int = 50_000, num_shards: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+                  prefetch: int = 2, buckets: Buckets | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite host-local training batches (numpy dicts with the keys `pp` keeps), from step `start_step`.
 
   `batch_size` is the global batch; this process yields `batch_size * local shards / num_shards` examples
   per step. Same arguments, same batches; `start_step=k` yields what the run from 0 yields from step k on.
+  With `buckets` each batch comes from one shape bucket, preprocessed by its spec in `buckets.pps` (`pp`
+  is then unused; module docstring).
   """
   if not isinstance(seed, (int, np.integer)) or not -2**63 <= seed < 2**63:
     raise ValueError(f"seed must be an int64 integer, got {seed!r}")
@@ -160,66 +207,102 @@ def train_batches(*, dataset: str, split: str, pp: str, batch_size: int, seed: i
   plan = shards.plan_shards(batch_size, num_shards, process_index, process_count)
   tf = import_tf()
   source = open_source(dataset, data_dir)
-  pp_fn = parse_pp(pp)
   sizes = source.shard_sizes(split, plan.num_shards)
-  streams = []
   for shard in plan.local_shards:
     if sizes[shard] == 0:
       raise ValueError(f"shard {shard} of {plan.num_shards} of {dataset!r} split {split!r} is empty; "
                        "use fewer shards or a larger split")
-    streams.append(_train_shard(tf, source, split=split, shard=shard, num_shards=plan.num_shards,
-                                size=sizes[shard], pp_fn=pp_fn, seed=int(seed),
-                                start_step=int(start_step), shard_batch=plan.shard_batch_size,
-                                shuffle_buffer=shuffle_buffer))
-  ds = _concat_shards(tf, streams).prefetch(prefetch).with_options(_options(tf))
+  stream = functools.partial(_train_shard, tf, source, split=split, num_shards=plan.num_shards,
+                             seed=int(seed), shard_batch=plan.shard_batch_size, shuffle_buffer=shuffle_buffer)
+  if buckets is None:
+    pp_fn = parse_pp(pp)
+    ds = _concat_shards(tf, [stream(shard=shard, size=sizes[shard], pp_fn=pp_fn, start_batch=int(start_step))
+                             for shard in plan.local_shards])
+  else:
+    tables, counts = _bucket_plan(source, split, plan, buckets, training=True)
+    schedule = BucketSchedule(counts.sum(0), seed)
+    before = schedule.batches_before(int(start_step))
+    per_bucket = {}
+    for b in map(int, np.flatnonzero(counts.sum(0))):  # An empty bucket is never drawn.
+      pp_fn = parse_pp(buckets.pps[b])
+      per_bucket[b] = _concat_shards(tf, [
+          stream(shard=shard, size=int(counts[shard, b]), pp_fn=pp_fn, start_batch=int(before[b]),
+                 bucket=(tables[shard], b)) for shard in plan.local_shards])
+    any_bucket = next(iter(per_bucket.values()))
+    per_bucket = [per_bucket.get(b, any_bucket.take(0)) for b in range(len(buckets.pps))]
+    choice = tf.data.Dataset.from_generator(lambda: schedule.iterate(int(start_step)),
+                                            output_signature=tf.TensorSpec([], tf.int64))
+    ds = tf.data.Dataset.choose_from_datasets(per_bucket, choice, stop_on_empty_dataset=True)
+  ds = ds.prefetch(prefetch).with_options(_options(tf))
   return _as_numpy_iterator(ds)
 
 
 def _eval_plan(*, dataset: str, split: str, batch_size: int, data_dir: str | None, num_shards: int | None,
-               process_index: int | None, process_count: int | None) -> tuple[Source, Any, list[int], int]:
+               process_index: int | None, process_count: int | None, buckets: Buckets | None = None
+               ) -> tuple[Source, Any, list[int], list[int], dict[int, np.ndarray]]:
+  """The source, the shard plan, every shard's size, the batches of each bucket (one entry without
+  buckets) and the local shards' bucket of every record."""
   plan = shards.plan_shards(batch_size, num_shards, process_index, process_count)
   source = open_source(dataset, data_dir)
   sizes = source.shard_sizes(split, plan.num_shards)
-  num_batches = max(math.ceil(n / plan.shard_batch_size) for n in sizes)
-  return source, plan, sizes, num_batches
+  if buckets is None:
+    return source, plan, sizes, [max(math.ceil(n / plan.shard_batch_size) for n in sizes)], {}
+  tables, counts = _bucket_plan(source, split, plan, buckets, training=False)
+  per_bucket = [int(math.ceil(counts[:, b].max() / plan.shard_batch_size)) for b in range(len(buckets.pps))]
+  return source, plan, sizes, per_bucket, tables
 
 
 def num_eval_batches(*, dataset: str, split: str, pp: str, batch_size: int, data_dir: str | None = None,
                      num_shards: int | None = None, process_index: int | None = None,
-                     process_count: int | None = None) -> int:
+                     process_count: int | None = None, buckets: Buckets | None = None) -> int:
   """How many batches `eval_batches` yields (the same on every process)."""
   del pp
-  return _eval_plan(dataset=dataset, split=split, batch_size=batch_size, data_dir=data_dir,
-                    num_shards=num_shards, process_index=process_index, process_count=process_count)[3]
+  return sum(_eval_plan(dataset=dataset, split=split, batch_size=batch_size, data_dir=data_dir,
+                        num_shards=num_shards, process_index=process_index, process_count=process_count,
+                        buckets=buckets)[3])
 
 
 def eval_batches(*, dataset: str, split: str, pp: str, batch_size: int, data_dir: str | None = None,
                  num_shards: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `split` in host-local batches with a float32 `mask` (0 marks padding examples)."""
-  source, plan, sizes, num_batches = _eval_plan(
+                 process_count: int | None = None, buckets: Buckets | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `split` in host-local batches with a float32 `mask` (0 marks padding examples). With
+  `buckets`, the buckets one after the other, each preprocessed by its spec (`pp` is then unused)."""
+  source, plan, sizes, num_batches, tables = _eval_plan(
       dataset=dataset, split=split, batch_size=batch_size, data_dir=data_dir, num_shards=num_shards,
-      process_index=process_index, process_count=process_count)
+      process_index=process_index, process_count=process_count, buckets=buckets)
   tf = import_tf()
-  pp_fn = parse_pp(pp)
-  streams = []
   for shard in plan.local_shards:
     if sizes[shard] == 0:
       raise ValueError(f"shard {shard} of {plan.num_shards} of {dataset!r} split {split!r} is empty; "
                        "use fewer shards (or processes) for this split")
-    raw, decode, _ = source.read(split, shard, plan.num_shards)
-    key = _shard_key(tf, 0, shard)
+  specs = [pp] if buckets is None else list(buckets.pps)
+  per_bucket = []
+  for b, spec in enumerate(specs):
+    if not num_batches[b]:
+      continue
+    pp_fn = parse_pp(spec)
+    streams = []
+    for shard in plan.local_shards:
+      raw, decode, _ = source.read(split, shard, plan.num_shards)
+      key = _shard_key(tf, 0, shard)
 
-    @tf.autograph.experimental.do_not_convert
-    def process(i, record, decode=decode, key=key):
-      example = pp_fn(decode(record) if decode else record, _fold_in(tf, key, i))
-      if "mask" in example:
-        raise ValueError(f"preprocessing {pp!r} produces a 'mask' key, which eval_batches adds itself")
-      return {**example, "mask": tf.constant(1.0, tf.float32)}
+      @tf.autograph.experimental.do_not_convert
+      def process(i, record, decode=decode, key=key, pp_fn=pp_fn, spec=spec):
+        example = pp_fn(decode(record) if decode else record, _fold_in(tf, key, i))
+        if "mask" in example:
+          raise ValueError(f"preprocessing {spec!r} produces a 'mask' key, which eval_batches adds itself")
+        return {**example, "mask": tf.constant(1.0, tf.float32)}
 
-    ds = raw.enumerate().map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    padding = ds.take(1).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex)).cache().repeat()
-    ds = ds.concatenate(padding).batch(plan.shard_batch_size, drop_remainder=True).take(num_batches)
-    streams.append(ds)
-  ds = _concat_shards(tf, streams).prefetch(2).with_options(_options(tf))
+      records = _bucket_records(tf, raw, None if buckets is None else (tables[shard], b))
+      ds = records.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      # The padding: any record of the shard, preprocessed as this bucket's, zeroed.
+      padding = raw.enumerate().take(1).map(process).map(lambda ex: tf.nest.map_structure(tf.zeros_like, ex))
+      ds = ds.concatenate(padding.cache().repeat())
+      streams.append(ds.batch(plan.shard_batch_size, drop_remainder=True).take(num_batches[b]))
+    per_bucket.append(_concat_shards(tf, streams))
+  ds = per_bucket[0]
+  for more in per_bucket[1:]:
+    ds = ds.concatenate(more)
+  ds = ds.prefetch(2).with_options(_options(tf))
   return _as_numpy_iterator(ds)

@@ -47,6 +47,8 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 # Splits whose decoded images take at most this many bytes are decoded once and cached in memory.
 CACHE_MAX_BYTES = 512 * 2**20
 CLASSIFICATION, DETECTION = "classification", "detection"
+# (data dir, split, shard, shards) -> image sizes of a TFDS shard, read once per process.
+_IMAGE_SIZES: dict[tuple[str, str, int, int], np.ndarray] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,36 @@ class Source(abc.ABC):
   @abc.abstractmethod
   def shard_sizes(self, split: str, num_shards: int) -> list[int]:
     """Number of examples in each shard of `split`."""
+
+  def image_sizes(self, split: str, shard: int, num_shards: int) -> np.ndarray:
+    """(height, width) of each record's image in `read`'s order, int64 [n, 2] (for shape buckets).
+
+    This default reads the shard once, decoding every image; sources override it with something cheaper.
+    """
+    raw, decode, _ = self.read(split, shard, num_shards)
+    return _sizes_of(raw.map(lambda r: _image_hw(decode(r)["image"] if decode else r["image"])))
+
+
+def _image_hw(image: Any) -> Any:
+  tf = import_tf()
+  return tf.cast(tf.shape(image)[:2], tf.int64)
+
+
+def encoded_image_hw(data: Any) -> Any:
+  """(height, width) int64 of an encoded image: from a JPEG's header without decoding it, else by
+  decoding (PNG, GIF, BMP)."""
+  tf = import_tf()
+  is_jpeg = tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff"
+  return tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64),
+                 lambda: _image_hw(tf.io.decode_image(data, expand_animations=False)))
+
+
+def _sizes_of(ds: Any) -> np.ndarray:
+  """The [2] int64 elements of `ds` stacked to [n, 2]."""
+  tf = import_tf()
+  ds = ds.map(lambda hw: hw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(4096)
+  parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
+  return np.concatenate(parts).astype(np.int64) if parts else np.zeros([0, 2], np.int64)
 
 
 def count_examples(ds: Any) -> int:
@@ -216,6 +248,16 @@ class TfdsSource(Source):
       return {**example, "image": image_feature.decode_example(example["image"])}
 
     return ds, decode, False
+
+  def image_sizes(self, split: str, shard: int, num_shards: int) -> np.ndarray:
+    """From the decoded images when the split is read decoded, else from the encoded images' headers
+    (JPEG; other formats are decoded): one pass over the shard's records, once per process."""
+    key = (self.builder.data_dir, split, shard, num_shards)
+    if key not in _IMAGE_SIZES or self._mocked():
+      raw, decode, _ = self.read(split, shard, num_shards)
+      hw = (lambda r: encoded_image_hw(r["image"])) if decode else (lambda r: _image_hw(r["image"]))
+      _IMAGE_SIZES[key] = _sizes_of(raw.map(hw))
+    return _IMAGE_SIZES[key]
 
   def _mocked(self) -> bool:
     """Whether `tfds.testing.mock_data` is active."""

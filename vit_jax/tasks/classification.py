@@ -110,6 +110,9 @@ class Classification:
     return {"image": jax.ShapeDtypeStruct((batch_size, c.image_size, c.image_size, channels), jnp.float32),
             "labels": jax.ShapeDtypeStruct((batch_size, c.num_classes), jnp.float32)}
 
+  def input_specs(self, batch_size: int) -> list[dict]:
+    return [self.input_spec(batch_size)]
+
   def train_data(self, start_step: int) -> Iterator[dict]:
     from vit_jax import data
     c = self.config

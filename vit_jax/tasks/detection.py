@@ -12,6 +12,7 @@ them; evaluation is COCO's (pycocotools), on the host, every image once.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -36,8 +37,35 @@ LOSS_OPTIONS = ("class_cost", "bbox_cost", "giou_cost", "ce_loss_coef", "bbox_lo
 
 
 def canvas(config: Any) -> tuple[int, int]:
-  """The padded (height, width) of every batch: ``detection.canvas``, else ``image_size``."""
+  """The (height, width) the model is built for (YOLOS' position embeddings) and, without shape
+  buckets, every batch is padded to: ``detection.canvas``, else ``image_size``."""
   return image_hw(tuple(config.detection.canvas) if config.detection.canvas else config.image_size)
+
+
+def canvases(config: Any) -> list[tuple[int, int]]:
+  """Every (height, width) a batch may have: the shape buckets' (``detection.buckets``), else the
+  one ``canvas``."""
+  return [image_hw(tuple(b)) for b in config.detection.buckets] or [canvas(config)]
+
+
+def gather_bucket_counts(local: np.ndarray) -> np.ndarray:
+  """Every process's bucket counts [local shards, buckets], stacked in process order (its shards'
+  order) to [shards, buckets]."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(local, np.int64)))
+  return counts.reshape(-1, counts.shape[-1])
+
+
+def shape_buckets(config: Any, spec: str) -> Any:
+  """The data pipeline's ``Buckets`` for ``detection.buckets`` with preprocessing ``spec`` (its
+  ``det_pad`` set to each bucket's canvas), or None without buckets."""
+  if not config.detection.buckets:
+    return None
+  from vit_jax.data import buckets, detection_ops  # pylint: disable=g-import-not-at-top
+  sizes = canvases(config)
+  return buckets.Buckets(assign=functools.partial(buckets.best_canvas, canvases=sizes),
+                         pps=tuple(detection_ops.with_pad_size(spec, size) for size in sizes),
+                         gather_counts=gather_bucket_counts if jax.process_count() > 1 else None)
 
 
 def report_dropped(batches: Iterator[dict], max_boxes: int, num_classes: int) -> Iterator[dict]:
@@ -135,8 +163,15 @@ class Detection:
     return coco_eval.format_table(metrics)
 
   def input_spec(self, batch_size: int) -> dict:
+    """The largest batch (of the shape buckets' canvases, the one of most pixels)."""
+    return max(self.input_specs(batch_size), key=lambda s: math.prod(s["image"].shape))
+
+  def input_specs(self, batch_size: int) -> list[dict]:
+    return [self._input_spec(batch_size, size) for size in canvases(self.config)]
+
+  def _input_spec(self, batch_size: int, size: tuple[int, int]) -> dict:
     c = self.config
-    h, w = canvas(c)
+    h, w = size
     m = c.detection.max_boxes
     channels = c.model.get("channels") or 3
     f32 = jnp.float32
@@ -152,7 +187,8 @@ class Detection:
     batches = data.train_batches(dataset=c.dataset, split=c.train_split, pp=c.pp_train,
                                  batch_size=c.batch_size, seed=c.seed, start_step=start_step,
                                  data_dir=c.data_dir, shuffle_buffer=c.shuffle_buffer,
-                                 num_shards=c.num_data_shards or None)
+                                 num_shards=c.num_data_shards or None,
+                                 buckets=shape_buckets(c, c.pp_train))
     return report_dropped(batches, c.detection.max_boxes, c.num_classes)
 
   def eval_data(self, split: str | None = None) -> Iterator[dict]:
@@ -160,7 +196,8 @@ class Detection:
     c = self.config
     batches = data.eval_batches(dataset=c.dataset, split=split or c.eval_split, pp=c.pp_eval,
                                 batch_size=c.eval_batch_size, data_dir=c.data_dir,
-                                num_shards=c.num_data_shards or None)
+                                num_shards=c.num_data_shards or None,
+                                buckets=shape_buckets(c, c.pp_eval))
     return report_dropped(batches, c.detection.max_boxes, c.num_classes)
 
 

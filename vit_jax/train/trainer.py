@@ -224,19 +224,23 @@ def evaluate(setup: Setup, state: TrainState, eval_step=None, split: str | None 
   return evaluator.result()
 
 
-def check_batch(batch: dict, spec: dict) -> None:
-  """Raises a ValueError unless ``batch`` has every entry of the task's ``input_spec`` with the
-  same shape after the (per-host) batch axis."""
-  for key, want in spec.items():
+def check_batch(batch: dict, specs: list[dict]) -> None:
+  """Raises a ValueError unless ``batch`` has every entry of one of the task's ``input_specs``
+  with the same shape after the (per-host) batch axis."""
+  for key in specs[0]:
     if key not in batch:
       raise ValueError(f"the data's batches lack {key!r} (they hold {sorted(batch)}); the task "
-                       f"takes {sorted(spec)}")
-    got = tuple(np.shape(batch[key]))
-    if got[1:] != tuple(want.shape[1:]):
-      raise ValueError(
-          f"the data's {key!r} of shape {got} does not fit this model: it takes "
-          f"(batch, {', '.join(map(str, want.shape[1:]))}). Check image_size and the "
-          f"preprocessing strings (pp_train, pp_eval).")
+                       f"takes {sorted(specs[0])}")
+  fits = lambda spec: all(np.shape(batch[k])[1:] == w.shape[1:] for k, w in spec.items())
+  if any(fits(spec) for spec in specs):
+    return
+  unfit = [k for k in specs[0] if all(np.shape(batch[k])[1:] != s[k].shape[1:] for s in specs)]
+  key = (unfit or list(specs[0]))[0]
+  got = tuple(np.shape(batch[key]))
+  takes = " or ".join(f"(batch, {', '.join(map(str, s[key].shape[1:]))})" for s in specs)
+  raise ValueError(
+      f"the data's {key!r} of shape {got} does not fit this model: it takes {takes}. Check "
+      f"image_size and the preprocessing strings (pp_train, pp_eval).")
 
 
 def _check_finite(loss: float, step: int, last_ckpt: int | None) -> None:
@@ -302,7 +306,7 @@ def _train_and_evaluate(config: Any, workdir: str, devices: Sequence[jax.Device]
   start = ckpt.latest_step() or 0
   batches: Iterator[dict] = setup.task.train_data(start)
   first = next(batches)
-  check_batch(first, setup.task.input_spec(config.batch_size))
+  check_batch(first, setup.task.input_specs(config.batch_size))
   batches = itertools.chain([first], batches)
   state = restore_or_init(setup, ckpt)
   if int(jax.device_get(state.step)) != start:
