@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.detection = ml_collections.ConfigDict(dict(
       canvas=placeholder(tuple),    # (height, width) every batch is padded to (None: image_size)
       buckets=(),                   # shape buckets: (height, width) canvases; each image is padded
-                                    # to the one nearest its aspect ratio (() = one canvas)
+                                    # to the one that suits its aspect ratio (() = one canvas)
       max_boxes=100,                # targets per image; boxes beyond it are dropped and counted
       class_cost=1.0,               # matching cost: class probability, L1 and GIoU of the boxes
       bbox_cost=5.0,

@@ -122,8 +122,9 @@ def _coco(c: ml_collections.ConfigDict, canvas: tuple[int, int], train_ops: str,
 def aspect_buckets(short: int, long: int) -> tuple[tuple[int, int], ...]:
   """Shape buckets for images resized to a shorter side of at most ``short`` and a longer one of at
   most ``long``: square, 4:3 and the widest, landscape and portrait, each rounded up to a multiple
-  of 32. Every image goes to the one nearest its aspect ratio; an augmented image larger than its
-  bucket's canvas (a crop of another aspect ratio) is shrunk to fit by ``det_pad``."""
+  of 32. Every image goes to the narrowest that holds it at the largest scale
+  (``buckets.best_canvas``); an augmented image larger than its bucket's canvas (a crop of another
+  aspect ratio) is shrunk to fit by ``det_pad``."""
   up = lambda n: -(-n // 32) * 32
   mid, wide = up(min(long, -(-short * 4 // 3))), up(long)
   short = up(short)

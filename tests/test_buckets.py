@@ -40,7 +40,7 @@ def take(batches, n):
   return [next(batches) for _ in range(n)]
 
 
-def test_best_canvas_is_the_nearest_aspect_ratio():
+def test_best_canvas_holds_the_image_at_its_shorter_side():
   got = buckets.best_canvas(np.array([*SHAPES, (480, 640), (640, 480), (100, 1000)]), CANVASES)
   assert got.tolist() == [1, 2, 0, 1, 1, 2, 1]
   with pytest.raises(ValueError, match=r"size \(0, 5\) .* has no area"):
@@ -58,6 +58,10 @@ def test_the_schedule_is_a_pure_function_of_seed_and_step():
   assert buckets.BucketSchedule([10, 30, 0, 60], seed=5).buckets(65_000, 66_000).tolist() == \
       steps[65_000:66_000].tolist()
   assert not np.array_equal(buckets.BucketSchedule([10, 30, 0, 60], seed=6).buckets(0, 100), steps[:100])
+  negative = [buckets.BucketSchedule([1, 1, 1], seed=s).buckets(0, 100).tolist() for s in (-1, -5, 0)]
+  assert negative[0] != negative[1] != negative[2] != negative[0]
+  empty_last = buckets.BucketSchedule([0.1, 0.2, 0.0], seed=0)  # 0.1 + 0.2 rounds below 0.3 / 0.3
+  assert empty_last.cumulative[1] == 1.0 and 2 not in empty_last.buckets(0, 1000)
 
 
 def test_with_pad_size_sets_the_one_det_pad():
@@ -101,8 +105,21 @@ def test_two_hosts_agree_on_shapes_and_evaluate_every_image_once(dataset):
   assert sorted(seen) == list(range(1, 41))
   for b in (b for host in evals for b in host):
     assert all(CANVASES[bucket_of(i)] == b["image"].shape[1:3] for i, m in zip(b["image/id"], b["mask"]) if m)
-  with pytest.raises(ValueError, match="does not read every shard"):
+  with pytest.raises(ValueError, match="reads 1 of 2 shards, so Buckets.gather_counts must give every shard"):
     pipeline.num_eval_batches(**{**hosts[0], "buckets": make_buckets()}, split="train")
+
+
+def test_a_bucket_no_image_takes_is_never_drawn_nor_evaluated(dataset):
+  canvases = [(100, 8)] + CANVASES  # no image is that tall and narrow
+  spec = buckets.Buckets(assign=functools.partial(buckets.best_canvas, canvases=canvases),
+                         pps=tuple(detection_ops.with_pad_size(SPEC, c) for c in canvases))
+  args = dict(dataset=dataset, batch_size=4, buckets=spec, num_shards=1, process_index=0, process_count=1,
+              pp=SPEC)
+  train = take(pipeline.train_batches(**args, split="train", seed=0), 8)
+  assert {b["image"].shape[1:3] for b in train} <= set(CANVASES)
+  evals = list(pipeline.eval_batches(**args, split="train"))
+  assert (100, 8) not in {b["image"].shape[1:3] for b in evals}
+  assert sum(int(b["mask"].sum()) for b in evals) == 40
 
 
 def test_a_bucket_missing_from_a_training_shard_is_refused(dataset):
@@ -132,3 +149,26 @@ def test_image_sizes_from_encoded_images_and_gathered_counts():
     assert sources.encoded_image_hw(data).numpy().tolist() == [5, 7]
   counts = np.array([[3, 0, 1], [2, 2, 0]])
   np.testing.assert_array_equal(gather_bucket_counts(counts), counts)  # one process: its own
+
+
+def test_resuming_with_other_buckets_is_refused_and_bad_buckets_are_named(tmp_path):
+  import types
+  from configs import detection
+  from vit_jax import tasks
+  c = detection.get_config("detr_digits")
+  c.model.update(resnet_width=8, hidden_size=32, encoder_layers=1, decoder_layers=1, num_heads=2, mlp_dim=64)
+  plain = types.SimpleNamespace(config=c, task=tasks.create(c))
+  meta = {"data_order": trainer.data_order(c, plain.task), "step": 5}
+  trainer.check_data_order(meta, plain, "here")  # the same run
+  del meta["data_order"]["shape_buckets"]  # a checkpoint from before shape buckets
+  trainer.check_data_order(meta, plain, "here")
+  b = c.copy_and_resolve_references()
+  b.detection.buckets = ((64, 64), (48, 96))
+  bucketed = types.SimpleNamespace(config=b, task=tasks.create(b))
+  with pytest.raises(ValueError, match=r"shape_buckets: the checkpoint's run had \[\], the config has "
+                                       r"\[\[64, 64\], \[48, 96\]\]"):
+    trainer.check_data_order(meta, bucketed, "here")
+  b.detection.buckets = ((64, 64), 96)
+  with pytest.raises(ValueError, match=r"detection.buckets .* each bucket is a \(height, width\) canvas of "
+                                       r"positive ints.* 96 is not"):
+    tasks.create(b)

@@ -22,8 +22,10 @@ _CHUNK = 1 << 16  # steps drawn per random generator
 def best_canvas(sizes: np.ndarray, canvases: Sequence[tuple[int, int]]) -> np.ndarray:
   """The canvas for each image of `sizes` [n, 2] (height, width): of the canvases that hold the image
   scaled so that its shorter side is the canvas's (as resizing the shorter side to a scale does), the
-  smallest; if none does, the one the image fills most once scaled to fit inside it (its aspect ratio
-  kept). Ties go to the first."""
+  one it fills most; if none does, the one it fills most once scaled to fit inside it (its aspect
+  ratio kept). Ties go to the first. With canvases that share their shorter side, as
+  `configs/detection.py:aspect_buckets` makes them, that is the narrowest canvas that holds the image
+  unshrunk."""
   sizes = np.asarray(sizes, np.float64).reshape(-1, 2)
   if not len(canvases):
     raise ValueError("best_canvas needs at least one canvas")
@@ -51,11 +53,15 @@ class Buckets:
 
   def counts(self, local: np.ndarray, num_shards: int) -> np.ndarray:
     """Every shard's record count per bucket, from this process's."""
-    full = local if self.gather_counts is None else np.asarray(self.gather_counts(local))
+    if self.gather_counts is None:
+      if local.shape[0] != num_shards:
+        raise ValueError(f"this process reads {local.shape[0]} of {num_shards} shards, so "
+                         "Buckets.gather_counts must give every shard's bucket counts")
+      return local
+    full = np.asarray(self.gather_counts(local))
     if full.shape != (num_shards, len(self.pps)):
-      raise ValueError(f"bucket counts of shape {full.shape} for {num_shards} shards and {len(self.pps)} "
-                       "buckets: this process does not read every shard, so Buckets.gather_counts must "
-                       "give every shard's counts")
+      raise ValueError(f"Buckets.gather_counts gave counts of shape {full.shape}; expected every shard's "
+                       f"counts, ({num_shards}, {len(self.pps)})")
     return full
 
 
@@ -68,12 +74,13 @@ class BucketSchedule:
     if weights.ndim != 1 or not len(weights) or (weights < 0).any() or weights.sum() <= 0:
       raise ValueError(f"bucket weights must be non-negative with a positive sum, got {weights.tolist()}")
     self.cumulative = np.cumsum(weights / weights.sum())
-    self.cumulative[-1] = 1.0
+    self.cumulative[np.flatnonzero(weights)[-1]:] = 1.0  # rounding never draws an empty last bucket
     self.seed = int(seed)
 
   def chunk(self, index: int) -> np.ndarray:
     """The buckets of steps [index * 65536, (index + 1) * 65536)."""
-    rng = np.random.Generator(np.random.Philox(key=[self.seed & (2**64 - 1), index]))
+    key = np.array([self.seed & (2**64 - 1), index], np.uint64)  # a negative seed as its two's complement
+    rng = np.random.Generator(np.random.Philox(key=key))
     u = rng.random(_CHUNK)
     return np.minimum(np.searchsorted(self.cumulative, u, side="right"), len(self.cumulative) - 1)
 

@@ -85,7 +85,7 @@ class Source(abc.ABC):
     This default reads the shard once, decoding every image; sources override it with something cheaper.
     """
     raw, decode, _ = self.read(split, shard, num_shards)
-    return _sizes_of(raw.map(lambda r: _image_hw(decode(r)["image"] if decode else r["image"])))
+    return _sizes_of(raw, lambda r: _image_hw(decode(r)["image"] if decode else r["image"]))
 
 
 def _image_hw(image: Any) -> Any:
@@ -102,10 +102,10 @@ def encoded_image_hw(data: Any) -> Any:
                  lambda: _image_hw(tf.io.decode_image(data, expand_animations=False)))
 
 
-def _sizes_of(ds: Any) -> np.ndarray:
-  """The [2] int64 elements of `ds` stacked to [n, 2]."""
+def _sizes_of(records: Any, hw: Callable) -> np.ndarray:
+  """`hw(record)` ([2] int64) of every record, in order, stacked to [n, 2]."""
   tf = import_tf()
-  ds = ds.map(lambda hw: hw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(4096)
+  ds = records.map(hw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(4096)
   parts = [np.asarray(b) for b in ds.as_numpy_iterator()]
   return np.concatenate(parts).astype(np.int64) if parts else np.zeros([0, 2], np.int64)
 
@@ -256,7 +256,7 @@ class TfdsSource(Source):
     if key not in _IMAGE_SIZES or self._mocked():
       raw, decode, _ = self.read(split, shard, num_shards)
       hw = (lambda r: encoded_image_hw(r["image"])) if decode else (lambda r: _image_hw(r["image"]))
-      _IMAGE_SIZES[key] = _sizes_of(raw.map(hw))
+      _IMAGE_SIZES[key] = _sizes_of(raw, hw)
     return _IMAGE_SIZES[key]
 
   def _mocked(self) -> bool:

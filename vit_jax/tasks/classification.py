@@ -113,6 +113,9 @@ class Classification:
   def input_specs(self, batch_size: int) -> list[dict]:
     return [self.input_spec(batch_size)]
 
+  def data_order(self) -> dict:
+    return {}
+
   def train_data(self, start_step: int) -> Iterator[dict]:
     from vit_jax import data
     c = self.config

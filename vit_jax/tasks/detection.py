@@ -52,7 +52,7 @@ def gather_bucket_counts(local: np.ndarray) -> np.ndarray:
   """Every process's bucket counts [local shards, buckets], stacked in process order (its shards'
   order) to [shards, buckets]."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  counts = np.asarray(multihost_utils.process_allgather(np.asarray(local, np.int64)))
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray(local, np.int32)))
   return counts.reshape(-1, counts.shape[-1])
 
 
@@ -95,6 +95,11 @@ class Detection:
     aux_layers = getattr(abstract.config, "decoder_layers", 1) - 1
     self.objective = objective(self.loss_config, aux_layers)
     queries = getattr(abstract.config, "num_queries", None) or abstract.config.num_det_tokens
+    for bucket in d.buckets:
+      if not (isinstance(bucket, (tuple, list)) and len(bucket) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in bucket)):
+        raise ValueError(f"detection.buckets {d.buckets!r}: each bucket is a (height, width) canvas of "
+                         f"positive ints, e.g. ((800, 1088), (1088, 800)); {bucket!r} is not")
     if d.max_boxes > queries:
       raise ValueError(f"detection.max_boxes {d.max_boxes} exceeds the model's {queries} "
                        f"queries: each target box needs a query of its own")
@@ -168,6 +173,11 @@ class Detection:
 
   def input_specs(self, batch_size: int) -> list[dict]:
     return [self._input_spec(batch_size, size) for size in canvases(self.config)]
+
+  def data_order(self) -> dict:
+    """The shape buckets: they decide which images share a batch."""
+    buckets = self.config.detection.buckets
+    return {"shape_buckets": [list(b) for b in canvases(self.config)] if buckets else []}
 
   def _input_spec(self, batch_size: int, size: tuple[int, int]) -> dict:
     c = self.config

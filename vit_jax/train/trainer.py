@@ -163,27 +163,29 @@ def make_setup(config: Any, devices: list[jax.Device] | None = None) -> Setup:
 def _meta(setup: Setup, step: int) -> dict:
   c = setup.config
   return {"signature": setup.task.signature(), "step": step, "dataset": c.dataset,
-          "examples_seen": step * c.batch_size, "data_order": data_order(c)}
+          "examples_seen": step * c.batch_size, "data_order": data_order(c, setup.task)}
 
 
-def data_order(config: Any) -> dict:
+def data_order(config: Any, task: Task) -> dict:
   """What fixes the order of the training examples from a step on (a resume with other values
-  would silently change it)."""
+  would silently change it): the config's data keys and the task's own (``Task.data_order``)."""
   return {"dataset": config.dataset, "train_split": config.train_split,
           "batch_size": config.batch_size, "seed": config.seed,
-          "num_data_shards": config.num_data_shards or None}
+          "num_data_shards": config.num_data_shards or None, **task.data_order()}
 
 
-def check_data_order(meta: dict, config: Any, where: str) -> None:
-  """Raises a ValueError naming what differs when resuming ``config`` would not continue the
-  checkpoint's data order (older checkpoints: dataset and batch size from their meta)."""
+def check_data_order(meta: dict, setup: Setup, where: str) -> None:
+  """Raises a ValueError naming what differs when resuming ``setup`` would not continue the
+  checkpoint's data order (older checkpoints: dataset and batch size from their meta; a task's key
+  they lack counts as empty, the task's value without the feature)."""
   saved = meta.get("data_order")
   if saved is None:  # written before data_order was recorded
     step = meta.get("step") or 0
     saved = {"dataset": meta["dataset"]} if meta.get("dataset") else {}
     if step and meta.get("examples_seen") is not None:
       saved["batch_size"] = meta["examples_seen"] // step
-  wanted = data_order(config)
+  wanted = data_order(setup.config, setup.task)
+  saved = {**{k: type(v)() for k, v in setup.task.data_order().items()}, **saved}
   diffs = [f"{k}: the checkpoint's run had {saved[k]!r}, the config has {wanted[k]!r}"
            for k in saved if k in wanted and saved[k] != wanted[k]]
   if diffs:
@@ -203,7 +205,7 @@ def restore_or_init(setup: Setup, ckpt: checkpointing.Checkpointer) -> TrainStat
   if ckpt.latest_step() is None:
     return setup.init_state()
   state, meta = ckpt.restore(setup.sharded_abstract_state(), setup.task.signature())
-  check_data_order(meta, setup.config, f"{ckpt.directory} at step {meta.get('step')}")
+  check_data_order(meta, setup, f"{ckpt.directory} at step {meta.get('step')}")
   return state
 
 
