@@ -118,3 +118,37 @@ def test_a_dead_or_hung_peer_ends_the_other_process_within_half_the_peer_timeout
   assert lines and re.match(r"error: (a collective failed because another process of the run went "
                             r"away|process 1 of 2 has sent no heartbeat for )", lines[-1]), err[-2000:]
   assert "Traceback" not in err and "another task died" not in err, err[-2000:]
+
+
+def test_two_processes_share_the_shape_buckets(tmp_path):
+  """A DETR on images of three aspect ratios in shape buckets: the processes gather their bucket
+  counts, so they draw the same bucket at every step and evaluate every image once."""
+  from tests.test_detection_data import write_coco
+  shapes = [(48, 64), (64, 48), (56, 56)]
+  images = [(i + 1, f"{i}.png", *shapes[i % 3]) for i in range(24)]
+  annotations = [(i + 1, i + 1, 1 + i % 3, [4, 4, 16, 16], 0) for i in range(24)]
+  categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}]
+  ann, image_dir = write_coco(tmp_path, images, annotations, categories)
+  pad = "value_range(-1, 1)|det_pad((64, 64))|det_pad_boxes(4)|keep('image', 'pixel_mask', 'boxes', " \
+        "'labels', 'box_mask', 'boxes_dropped'"
+  args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", "configs/detection.py:detr_digits",
+          "--workdir", str(tmp_path / "two"), f"--config.dataset=coco:{ann},{image_dir}",
+          "--config.num_classes=3", "--config.model.channels=3", "--config.model.resnet_width=8",
+          "--config.model.hidden_size=32", "--config.model.encoder_layers=1", "--config.model.decoder_layers=1",
+          "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.model.num_queries=4",
+          "--config.train_split=train", "--config.eval_split=train", "--config.batch_size=8",
+          "--config.eval_batch_size=8", "--config.total_steps=4", "--config.log_every=1",
+          "--config.eval_every=4", "--config.checkpoint_every=4", "--config.num_data_shards=2",
+          "--config.detection.max_boxes=4", "--config.detection.buckets=((48, 64), (64, 48), (64, 64))",
+          f"--config.pp_train=decode|det_objects|det_flip_lr|{pad})",
+          f"--config.pp_eval=decode|det_objects(drop_crowd=False)|{pad}, 'image_id', 'orig_size', 'is_crowd')"]
+  port = free_port()
+  procs = [subprocess.Popen(args + ["--distributed=explicit", f"--coordinator_address=localhost:{port}",
+                                    "--num_processes=2", f"--process_id={i}"],
+                            env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=400) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  final = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
+  assert final["step"] == 4 and final["images"] == 24
