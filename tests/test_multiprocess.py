@@ -134,14 +134,16 @@ def test_two_processes_share_the_shape_buckets(tmp_path):
   args = [sys.executable, os.path.join(ROOT, "train.py"), "--config", "configs/detection.py:detr_digits",
           "--workdir", str(tmp_path / "two"), f"--config.dataset=coco:{ann},{image_dir}",
           "--config.num_classes=3", "--config.model.channels=3", "--config.model.resnet_width=8",
-          "--config.model.hidden_size=32", "--config.model.encoder_layers=1", "--config.model.decoder_layers=1",
-          "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.model.num_queries=4",
+          "--config.model.hidden_size=32", "--config.model.encoder_layers=1",
+          "--config.model.decoder_layers=1", "--config.model.num_heads=2", "--config.model.mlp_dim=64", "--config.model.num_queries=4",
           "--config.train_split=train", "--config.eval_split=train", "--config.batch_size=8",
           "--config.eval_batch_size=8", "--config.total_steps=4", "--config.log_every=1",
           "--config.eval_every=4", "--config.checkpoint_every=4", "--config.num_data_shards=2",
-          "--config.detection.max_boxes=4", "--config.detection.buckets=((48, 64), (64, 48), (64, 64))",
+          "--config.detection.max_boxes=4",
+          "--config.detection.buckets=((48, 64), (64, 48), (64, 64))",
           f"--config.pp_train=decode|det_objects|det_flip_lr|{pad})",
-          f"--config.pp_eval=decode|det_objects(drop_crowd=False)|{pad}, 'image_id', 'orig_size', 'is_crowd')"]
+          f"--config.pp_eval=decode|det_objects(drop_crowd=False)|{pad}, 'image_id', 'orig_size', "
+          "'is_crowd')"]
   port = free_port()
   procs = [subprocess.Popen(args + ["--distributed=explicit", f"--coordinator_address=localhost:{port}",
                                     "--num_processes=2", f"--process_id={i}"],
