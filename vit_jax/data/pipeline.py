@@ -30,10 +30,9 @@ each (shard, bucket) pair is a stream of its own, built as above with the bucket
 epochs and skips count that pair's records, its keys fold in the bucket). Training step k takes its batch
 from the bucket `BucketSchedule` draws for k, the same on every host; resuming at step k skips in each
 stream the records of the batches its bucket gave before k. Every shard gives the same share of each
-batch, so a shard holding fewer of a bucket's images than the others repeats them more often. Evaluation goes
-through the buckets in order,
-each shard padded within each bucket. Every bucketed stream reads all of its shard's records and keeps its
-bucket's, so reading a split costs as many passes as there are buckets.
+batch, so a shard holding fewer of a bucket's images than the others repeats them more often. Evaluation
+goes through the buckets in order, each shard padded within each bucket. Every bucketed stream reads all of
+its shard's records and keeps its bucket's, so reading a split costs as many passes as there are buckets.
 """
 
 from __future__ import annotations
