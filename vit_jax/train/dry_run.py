@@ -41,9 +41,10 @@ def dry_run(config: Any) -> dict:
   opt = per_device_bytes(setup.abstract_state.opt_state, setup.shardings.opt_state)
   batch_bytes = per_device_bytes(batch, jax.tree.map(lambda _: setup.batch_sharding, batch))
   temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  hw = tuple(batch["image"].shape[1:3]) if "image" in batch else None  # the compiled size
+  image_size = config.image_size if hw in (None, (config.image_size,) * 2) else hw
   step_flops = config.batch_size * flops.train_flops(
-      config.model.name, image_size=config.image_size, num_classes=config.num_classes,
-      **model_kwargs(config))
+      config.model.name, image_size=image_size, num_classes=config.num_classes, **model_kwargs(config))
   rows = sharding.describe(setup.shardings.params, setup.abstract_state.params)
   return {
       "model": config.model.name, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
