@@ -125,7 +125,7 @@ def main() -> None:
                  "shapes": len(set().union(*[x["shapes"] for x in s]))})
   print(harness.format_table(rows, ["pipeline", "img_per_s", "real_pixels_pct", "mpixel_per_image", "shapes"]))
   harness.write_json(args.json, {"script": "detection_buckets", "args": vars(args), "results": rows,
-                                 "load": load.report(), **harness.environment()})
+                                 "load": load.report(), "environment": harness.environment()})
 
 
 if __name__ == "__main__":

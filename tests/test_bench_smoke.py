@@ -12,7 +12,7 @@ from vit_jax import flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["inference", "train_step", "compare_timm", "ablations", "input_pipeline", "first_step",
            "flops_table", "dry_run_memory", "parity_full", "transfer_digits", "parity_yolos",
-           "parity_detr", "matcher_speed"]
+           "parity_detr", "matcher_speed", "detection_buckets"]
 TINY = ["--image-size", "32", "--option", "num_layers=1"]
 
 
@@ -153,6 +153,19 @@ def test_input_pipeline(tmp_path):
   assert row["cores"] == 1 and row["img_per_s"] > 0
   assert record["runs"][0]["batch_shape"] == [4, 32, 32, 3]
   check_load_record(record["load"])
+
+
+def test_detection_buckets(tmp_path):
+  out = tmp_path / "buckets.json"
+  run_script("detection_buckets", "--config", "yolos_ti_coco", "--images", "8", "--batch", "2",
+             "--batches", "2", "--warmup", "1", "--rounds", "1", "--json", str(out))
+  record = read_json(out)
+  buckets, one = record["results"]
+  assert buckets["pipeline"] == "buckets" and one["pipeline"] == "one canvas" and one["shapes"] == 1
+  assert buckets["mpixel_per_image"] < one["mpixel_per_image"]  # every bucket is smaller than 864 x 864
+  assert 0 < buckets["real_pixels_pct"] <= 100 and buckets["img_per_s"] > 0
+  check_load_record(record["load"])
+  assert record["environment"]["versions"]["jax"]
 
 
 def test_first_step(tmp_path):
