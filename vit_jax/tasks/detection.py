@@ -1,7 +1,8 @@
 """Object detection with set-prediction models (YOLOS, DETR): the set loss, COCO evaluation.
 
 Batches have fixed shapes, so the step compiles once (or once per shape bucket,
-``detection.buckets``: vit_jax/data/buckets.py): ``image`` [B, H, W, C] padded to the canvas, ``pixel_mask`` [B, H, W], up to ``detection.max_boxes`` targets per image (``boxes``
+``detection.buckets``: vit_jax/data/buckets.py): ``image`` [B, H, W, C] padded to the canvas,
+``pixel_mask`` [B, H, W], up to ``detection.max_boxes`` targets per image (``boxes``
 normalised cxcywh relative to the unpadded image, ``labels``, ``box_mask``), and for evaluation
 each image's ``image_id``, ``orig_size`` and ``is_crowd`` (the preprocessing ops of
 vit_jax/data/detection_ops.py make them). The loss is DETR's set criterion
