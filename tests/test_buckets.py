@@ -172,3 +172,14 @@ def test_resuming_with_other_buckets_is_refused_and_bad_buckets_are_named(tmp_pa
   with pytest.raises(ValueError, match=r"detection.buckets .* each bucket is a \(height, width\) canvas of "
                                        r"positive ints.* 96 is not"):
     tasks.create(b)
+
+
+def test_tfds_image_sizes_from_encoded_records_once_per_process(tmp_path, monkeypatch):
+  from vit_jax.data import digit_scenes, sources
+  monkeypatch.setattr(digit_scenes, "SPLIT_SIZES", {"train": 5, "test": 3})
+  monkeypatch.setattr(sources, "CACHE_MAX_BYTES", 0)  # read encoded (PNG), as large splits are
+  source = sources.open_source("digit_scenes", str(tmp_path))
+  assert source.read("train", 0, 1)[1] is not None  # records hold encoded images
+  assert source.image_sizes("train", 0, 1).tolist() == [[64, 64]] * 5
+  monkeypatch.setattr(source, "read", lambda *a: pytest.fail("read the shard again"))
+  assert source.image_sizes("train", 0, 1).shape == (5, 2)
