@@ -317,8 +317,8 @@ def run_worker(args: argparse.Namespace) -> dict:
   times = harness.time_calls(run, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds)
   size = len(batch["image"])
   return {"worker": args.worker, "model": args.model, "batch": size, "setup_s": setup_s,
-          "devices": devices, "times_s": times, "img_per_s": size / statistics.median(times), "threads": args.threads,
-          "preset": preset, "versions": harness.environment()["versions"]}
+          "devices": devices, "times_s": times, "img_per_s": size / statistics.median(times),
+          "threads": args.threads, "preset": preset, "versions": harness.environment()["versions"]}
 
 
 # ---------------------------------------------------------------------------------------------

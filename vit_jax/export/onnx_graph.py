@@ -493,10 +493,10 @@ def _gather(c, eqn, ins):
   const = None if indices.const is None else np.broadcast_to(indices.const, indices.aval.shape)
   fill = "FILL" in str(eqn.params.get("mode", ""))
   if fill:  # out-of-bounds indices give the fill value: only constant, in-bounds ones convert
-    limits = [int(shape[a]) - int(slice_sizes[a]) if _is_static((shape[a],)) else -1 for a in axes]
-    if const is None or not all(0 <= int(i) <= lim for i, lim in
-                                zip(const.reshape(-1, len(axes)).T.reshape(len(axes), -1).max(1),
-                                    limits)) or (const < 0).any():
+    limits = np.array([int(shape[a]) - int(slice_sizes[a]) if _is_static((shape[a],)) else -1
+                       for a in axes])
+    starts = None if const is None else const.reshape(-1, len(axes))
+    if starts is None or (starts < 0).any() or (starts > limits).any():
       raise UnsupportedPrimitive("a gather that fills out-of-bounds indices (jnp.take's default) "
                                  "has no ONNX rule unless its indices are constant and in bounds")
   if const is not None and not fill and all(_is_static((shape[a],)) for a in axes):

@@ -53,8 +53,7 @@ def export_savedmodel(model: nnx.Module, serving: ServingConfig, out: str, *,
   """Writes the SavedModel directory ``out`` and ``out.json``; returns both paths.
 
   The ``serving_default`` signature takes ``images`` (and a detector's ``pixel_mask`` and
-  ``image_sizes``) with a
-  batch dimension of any size (``batch=None``) or of ``batch``.
+  ``image_sizes``) with a batch dimension of any size (``batch=None``) or of ``batch``.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
