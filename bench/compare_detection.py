@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import harness  # noqa: E402  (bench/, beside this script)
+from vit_jax import kernels  # noqa: E402  (imports no JAX)
 
 MODELS = {"yolos": "yolos_digits", "detr": "detr_digits"}
 FRAMEWORKS = ("jax", "hf")
@@ -318,7 +319,9 @@ def run_worker(args: argparse.Namespace) -> dict:
   size = len(batch["image"])
   return {"worker": args.worker, "model": args.model, "batch": size, "setup_s": setup_s,
           "devices": devices, "times_s": times, "img_per_s": size / statistics.median(times),
-          "threads": args.threads, "preset": preset, "versions": harness.environment()["versions"]}
+          "threads": args.threads, "preset": preset,
+          "cpu_matmul": os.environ.get(kernels.CPU_MATMUL_ENV, "xla") if args.worker == "jax" else None,
+          "versions": harness.environment()["versions"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +334,7 @@ def spawn_worker(args: argparse.Namespace, framework: str, model: str, folder: s
          "--min-seconds", str(args.min_seconds), "--warmup", str(args.warmup), "--preset", args.preset]
   env = harness.worker_env(args.allocator)
   env["PYTHONPATH"] = ROOT  # the HF worker imports tests.timm_helpers
+  env[kernels.CPU_MATMUL_ENV] = args.cpu_matmul  # read by vit_jax.kernels.blas (ours only)
   if framework == "jax" and args.jax_devices > 1:  # train.py --fake_devices N: data parallel over cores
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={args.jax_devices}").strip()
@@ -377,8 +381,9 @@ def run_driver(args: argparse.Namespace) -> dict:
       rows.append({"model": m, "framework": f, "img_per_s": s["median"], "min": s["min"],
                    "max": s["max"], "ratio_vs_hf": s["median"] / statistics.median(hf),
                    "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)})
-  print(f"\n{args.rounds} rounds, {args.threads} threads, fp32, batch {args.batch}; train-step img/s "
-        f"medians over rounds, ratio = median / HF's median")
+  print(f"\n{args.rounds} rounds, {args.threads} threads, fp32, batch {args.batch}, allocator "
+        f"{args.allocator}, our matrix products by {args.cpu_matmul}; train-step img/s medians over "
+        f"rounds, ratio = median / HF's median")
   print(harness.format_table(rows, ["model", "framework", "img_per_s", "min", "max", "ratio_vs_hf",
                                     "paired_ratio_min", "paired_ratio_max"]))
   return harness.finish_runs("compare_detection", args, total, rounds_log, results=rows)
@@ -440,6 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="CPU devices of our step (train.py --fake_devices N): the batch split over "
                       "them, data parallel, on the same --threads cores (default: %(default)s)")
   p.add_argument("--allocator", default="hugepages", choices=harness.ALLOCATORS)
+  p.add_argument("--cpu-matmul", default="xla", choices=kernels.CPU_MATMUL_CHOICES,
+                 help="who computes our step's float32 matrix products (train.py --cpu_matmul)")
   p.add_argument("--json", default=None, help="write the results here")
   p.add_argument("--train", action="store_true",
                   help="train HF's models with our recipe and compare their AP (module docstring)")

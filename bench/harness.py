@@ -53,13 +53,15 @@ PRESETS = xla_presets.PRESETS
 # zero-filled again on first touch at every step (vit_jax/host_memory.py).
 #   hugepages: what train.py does (vit_jax.host_memory): glibc backs large allocations with
 #              transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc >= 2.35).
+#   keep:      train.py --host_memory keep: huge pages, and glibc keeps freed memory in the
+#              process (no mmap for large blocks, no trimming), so the temporaries stay mapped.
 #   glibc:     glibc's defaults.
 #   jemalloc:  LD_PRELOAD jemalloc with purging disabled, so freed pages are reused; the price is
 #              a resident set that stays at its peak.
 # All are set at process start, so ``use_allocator`` re-executes the script.
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
-ALLOCATORS = ("hugepages", "glibc", "jemalloc")
+ALLOCATORS = ("hugepages", "keep", "glibc", "jemalloc")
 
 
 def apply_preset(name: str) -> dict[str, Any]:
@@ -72,6 +74,8 @@ def current_allocator() -> str:
   """The allocator this process runs under (see ALLOCATORS)."""
   if "jemalloc" in os.environ.get("LD_PRELOAD", ""):
     return "jemalloc"
+  if host_memory.active("keep"):
+    return "keep"
   if host_memory.huge_pages_active():
     return "hugepages"
   return "glibc"
@@ -83,8 +87,8 @@ def allocator_env(name: str) -> dict[str, str]:
     raise ValueError(f"allocator {name!r} is not one of {ALLOCATORS}")
   if name == "glibc":
     return {}
-  if name == "hugepages":
-    return {"GLIBC_TUNABLES": host_memory.TUNABLE}
+  if name in ("hugepages", "keep"):
+    return {"GLIBC_TUNABLES": host_memory.policy_env(name, {})["GLIBC_TUNABLES"]}
   path = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
   if path is None:
     raise ValueError(f"--allocator jemalloc: no libjemalloc.so.2 in {', '.join(JEMALLOC_PATHS)}; "

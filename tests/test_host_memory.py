@@ -20,8 +20,19 @@ def test_env_adds_the_tunable_once_and_keeps_others():
   assert host_memory.huge_pages_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
+def test_keep_replaces_the_other_policies_tunables():
+  keep = host_memory.policy_env("keep", {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0"})
+  assert keep["GLIBC_TUNABLES"].split(":") == [
+      "glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=1", "glibc.malloc.mmap_max=0",
+      f"glibc.malloc.trim_threshold={1 << 40}"]
+  assert host_memory.policy_env("hugepages", keep)["GLIBC_TUNABLES"] == (
+      "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1")
+  only_keep = {"GLIBC_TUNABLES": ":".join(host_memory.TUNABLES["keep"])}
+  assert "GLIBC_TUNABLES" not in host_memory.policy_env("release", only_keep)
+
+
 def test_bad_policy():
-  with pytest.raises(ValueError, match=r"host memory policy 'big' is not one of \('hugepages', 'release'\)"):
+  with pytest.raises(ValueError, match=r"host memory policy 'big' is not one of \('hugepages', 'keep', 'release'\)"):
     host_memory.apply("big")
 
 
@@ -46,4 +57,4 @@ def test_train_py_rejects_an_unknown_policy():
   proc = subprocess.run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", "/tmp/x",
                          "--host_memory", "retain"], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode != 0
-  assert "--host_memory 'retain' is not one of ['hugepages', 'release']" in proc.stderr
+  assert "--host_memory 'retain' is not one of ['hugepages', 'keep', 'release']" in proc.stderr

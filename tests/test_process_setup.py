@@ -1,6 +1,6 @@
 """train.py, evaluate.py and predict.py share one process set-up (vit_jax/command_line.py): importing a
-script sets nothing up, running one applies --host_memory, --fake_devices and --xla_preset before
-JAX starts, and a bad value is one clear line."""
+script sets nothing up, running one applies --host_memory, --fake_devices, --xla_preset and
+--cpu_matmul before JAX starts, and a bad value is one clear line."""
 
 import os
 import subprocess
@@ -27,13 +27,14 @@ def python(*args, **kwargs):
 
 IMPORT_PROBE = """
 import importlib.util, os, sys
+command_line_flags = ("xla_preset", "host_memory", "fake_devices", "cpu_matmul")
 print("start", flush=True)
 spec = importlib.util.spec_from_file_location("script_under_test", {path!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 from absl import flags
 print("jax imported:", "jax" in sys.modules)
-print("process flags:", all(name in flags.FLAGS for name in ("xla_preset", "host_memory", "fake_devices")))
+print("process flags:", all(name in flags.FLAGS for name in command_line_flags))
 print("environment:", [os.environ.get(k) for k in ("GLIBC_TUNABLES", "XLA_FLAGS", "JAX_PLATFORMS")])
 """
 
@@ -49,7 +50,8 @@ def test_importing_a_script_neither_imports_jax_nor_re_executes(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("flag,message", [
     ("--xla_preset=fastest", "--xla_preset 'fastest' is not one of ['cpu', 'none']"),
-    ("--host_memory=retain", "--host_memory 'retain' is not one of ['hugepages', 'release']"),
+    ("--host_memory=retain", "--host_memory 'retain' is not one of ['hugepages', 'keep', 'release']"),
+    ("--cpu_matmul=blis", "--cpu_matmul 'blis' is not one of ['xla', 'mkl', 'openblas']"),
     ("--fake_devices=0", "--fake_devices '0' is not a positive integer"),
 ])
 def test_a_bad_process_flag_is_one_clear_line(script, flag, message):
@@ -62,12 +64,13 @@ def test_the_flags_are_applied_before_jax_starts():
   code = ("import os, sys\n"
           "from vit_jax import command_line\n"
           "command_line.prepare_process(sys.argv)\n"
-          "print(os.environ.get('GLIBC_TUNABLES'), os.environ['JAX_PLATFORMS'], os.environ['XLA_FLAGS'])\n")
+          "print(os.environ.get('GLIBC_TUNABLES'), os.environ['JAX_PLATFORMS'], os.environ['XLA_FLAGS'],\n"
+          "      os.environ['VIT_JAX_CPU_MATMUL'])\n")
   out = python("-c", code, "--host_memory", "release", "--fake_devices", "3", "--xla_preset=none",
-               "--xla_preset=cpu")  # the last one counts, as for absl
+               "--xla_preset=cpu", "--cpu_matmul=openblas")  # the last one counts, as for absl
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["None", "cpu", "--xla_force_host_platform_device_count=3",
-                                "--xla_cpu_experimental_ynn_fusion_type=reduce"]
+                                "--xla_cpu_experimental_ynn_fusion_type=reduce", "openblas"]
 
 
 def test_huge_pages_by_default_re_execute_the_program_once():
@@ -95,7 +98,8 @@ def test_a_process_flag_from_a_flagfile_is_refused(tmp_path):
 def test_predict_help_lists_its_options_and_the_process_flags():
   out = python("predict.py", "--help")
   assert out.returncode == 0, out.stderr[-2000:]
-  for option in ("--checkpoint", "--labels", "--xla_preset {cpu,none}", "--host_memory {hugepages,release}",
+  for option in ("--checkpoint", "--labels", "--xla_preset {cpu,none}", "--host_memory {hugepages,keep,release}",
+                 "--cpu_matmul {xla,mkl,openblas}",
                  "--fake_devices N"):
     assert option in out.stdout
 

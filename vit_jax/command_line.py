@@ -29,14 +29,15 @@ from typing import Callable, Sequence
 
 from absl import flags
 
-from vit_jax import host_memory, xla_presets  # neither imports JAX
+from vit_jax import host_memory, kernels, xla_presets  # none imports JAX
 
 # Flags defined by define_process_flags() belong to the script that calls it (its --help lists them).
 flags.disclaim_key_flags()
 
-PROCESS_FLAGS = ("xla_preset", "host_memory", "fake_devices")
+PROCESS_FLAGS = ("xla_preset", "host_memory", "fake_devices", "cpu_matmul")
 DEFAULT_XLA_PRESET = "cpu"
 DEFAULT_HOST_MEMORY = "hugepages"
+DEFAULT_CPU_MATMUL = "xla"
 
 _applied: dict[str, object] | None = None  # the process flags prepare_process applied in this process
 
@@ -51,9 +52,15 @@ def define_process_flags() -> None:
       "backend, 'none' keeps XLA's defaults (measured: docs/benchmarks.md).")
   flags.DEFINE_enum(
       "host_memory", DEFAULT_HOST_MEMORY, list(host_memory.POLICIES),
-      "hugepages: back the large blocks XLA allocates at every step with transparent huge pages "
-      "(restarts the process with a glibc tunable; vit_jax/host_memory.py; measured: "
-      "docs/benchmarks.md). release: glibc's defaults.")
+      "hugepages: back the large blocks XLA allocates at every step with transparent huge pages; "
+      "keep: huge pages, and freed memory stays in the process (the fastest step; the resident "
+      "set does not shrink); release: glibc's defaults. Restarts the process with glibc tunables "
+      "(vit_jax/host_memory.py; measured: docs/benchmarks.md).")
+  flags.DEFINE_enum(
+      "cpu_matmul", DEFAULT_CPU_MATMUL, list(kernels.CPU_MATMUL_CHOICES),
+      "Who computes float32 matrix products on a single CPU device: xla (its own kernels), mkl "
+      "(`pip install mkl`) or openblas (numpy's), through vit_jax/kernels/cpu_gemm.cc, built once "
+      "with g++ (vit_jax/kernels/blas.py; measured: docs/benchmarks.md).")
   flags.DEFINE_integer(
       "fake_devices", None,
       "Run on this many fake CPU devices (sets JAX_PLATFORMS=cpu and XLA's host platform device "
@@ -84,10 +91,11 @@ def usage_error(message: str) -> None:
 def prepare_process(argv: Sequence[str]) -> None:
   """Applies the process flags in ``argv`` (``sys.argv``) before JAX's first import.
 
-  In order: the host memory policy (``hugepages`` re-executes the program with a glibc tunable,
-  once; see vit_jax/host_memory.py), ``--fake_devices`` (``JAX_PLATFORMS=cpu`` and XLA's host
-  device count) and the XLA preset (``XLA_FLAGS``). Also quiets TensorFlow's C++ logging. A bad
-  value exits with status 2 and a one-line message, before anything is applied.
+  In order: the host memory policy (``hugepages`` and ``keep`` re-execute the program with glibc
+  tunables, once; see vit_jax/host_memory.py), ``--fake_devices`` (``JAX_PLATFORMS=cpu`` and
+  XLA's host device count), the XLA preset (``XLA_FLAGS``) and ``--cpu_matmul``
+  (``VIT_JAX_CPU_MATMUL``, read by vit_jax/kernels/blas.py). Also quiets TensorFlow's C++ logging. A bad value exits with status 2 and a one-line
+  message, before anything is applied.
   """
   global _applied
   if "jax" in sys.modules:
@@ -97,6 +105,11 @@ def prepare_process(argv: Sequence[str]) -> None:
   preset = _argv_value(argv, "xla_preset")
   preset = DEFAULT_XLA_PRESET if preset is None else preset
   fake_devices = _argv_value(argv, "fake_devices")
+  cpu_matmul = _argv_value(argv, "cpu_matmul")
+  cpu_matmul = DEFAULT_CPU_MATMUL if cpu_matmul is None else cpu_matmul
+  problem = kernels.cpu_matmul_problem(cpu_matmul)
+  if problem is not None:
+    usage_error(problem)
   if policy not in host_memory.POLICIES:
     usage_error(f"--host_memory {policy!r} is not one of {list(host_memory.POLICIES)}")
   if preset not in xla_presets.PRESETS:
@@ -116,7 +129,9 @@ def prepare_process(argv: Sequence[str]) -> None:
                                f" --xla_force_host_platform_device_count={fake_devices}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
   xla_presets.apply(preset)
-  _applied = {"xla_preset": preset, "host_memory": policy, "fake_devices": fake_devices}
+  os.environ[kernels.CPU_MATMUL_ENV] = cpu_matmul  # read by vit_jax.kernels.blas at import
+  _applied = {"xla_preset": preset, "host_memory": policy, "fake_devices": fake_devices,
+              "cpu_matmul": cpu_matmul}
 
 
 def process_flags_help() -> str:

@@ -1,20 +1,24 @@
-"""Transparent huge pages for the large blocks of host memory that XLA allocates at every step.
+"""What glibc does with the large blocks of host memory that XLA allocates at every step.
 
 XLA's CPU runtime allocates a computation's temporaries when it starts and frees them when it ends.
 glibc serves blocks that large with a fresh ``mmap`` and unmaps them on ``free``, so every step
-faults its temporaries in again, one zero-filled 4 KiB page at a time.
+faults its temporaries in again, one zero-filled 4 KiB page at a time. The policies
+(``--host_memory``), each a set of glibc tunables:
 
-With glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later) malloc asks the kernel for
-transparent huge pages for such blocks: 2 MiB pages, so far fewer page faults (the kernel still
-zero-fills them). Memory goes back to the kernel as before. glibc reads its tunables once, at
-process start, so ``use_huge_pages()`` re-executes the program with the tunable set; the
-command-line scripts do so through ``vit_jax.command_line.prepare_process`` (``--host_memory
-hugepages``, the default) before anything else runs. Where glibc is older or the kernel's
-transparent huge pages are off, it does nothing. (measured: docs/benchmarks.md, "Host memory")
+  hugepages (default): ``glibc.malloc.hugetlb=1`` (glibc 2.35 and later): malloc asks the kernel
+      for transparent huge pages for such blocks, 2 MiB pages, so far fewer page faults; the kernel
+      still zero-fills them at every step, and memory goes back to the kernel as before.
+  keep: huge pages, and freed memory stays in the process (``glibc.malloc.mmap_max=0``: large
+      blocks come from the heap; ``glibc.malloc.trim_threshold``: the heap is never trimmed), so
+      from the second step on the temporaries are neither faulted in nor zero-filled: the fastest
+      step. The resident set does not shrink after a peak, and with the heap's fragmentation can
+      grow past what the other policies hold.
+  release: glibc's defaults.
 
-Rejected: keeping the freed memory in glibc's heap (one arena, no ``mmap``, no trimming) avoids the
-faults altogether, but in a real training run (input pipeline, evaluation, checkpoints) the heap
-fragmented and the resident set grew well past that of glibc's defaults. (measured:
+glibc reads its tunables once, at process start, so ``apply`` re-executes the program with them
+set; the command-line scripts do so through ``vit_jax.command_line.prepare_process`` before
+anything else runs. Where glibc is not there (or is older than 2.35, for huge pages) or the
+kernel's transparent huge pages are off, ``hugepages`` does nothing. (measured:
 docs/benchmarks.md, "Host memory")
 """
 
@@ -25,24 +29,47 @@ import os
 import sys
 from typing import Mapping
 
-POLICIES = ("hugepages", "release")
+POLICIES = ("hugepages", "keep", "release")
 TUNABLE = "glibc.malloc.hugetlb=1"
+TUNABLES: dict[str, tuple[str, ...]] = {
+    "hugepages": (TUNABLE,),
+    "keep": (TUNABLE, "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}"),
+    "release": (),
+}
+_NAMES = {t.split("=")[0] for ts in TUNABLES.values() for t in ts}
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+NOT_GLIBC = "the C library is not glibc"
+
+
+def policy_env(policy: str, environ: Mapping[str, str]) -> dict[str, str]:
+  """``environ`` with the glibc tunables of ``policy`` in place of any the policies set."""
+  if policy not in POLICIES:
+    raise ValueError(f"host memory policy {policy!r} is not one of {POLICIES}")
+  env = dict(environ)
+  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  kept = [t for t in tunables if t.split("=")[0] not in _NAMES]
+  tunables = kept + list(TUNABLES[policy])
+  if tunables:
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  return env
 
 
 def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str]:
   """``environ`` with the glibc tunable that backs large allocations with huge pages added."""
-  env = dict(environ)
-  tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-  if TUNABLE not in tunables:
-    tunables = [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")] + [TUNABLE]
-  env["GLIBC_TUNABLES"] = ":".join(tunables)
-  return env
+  return policy_env("hugepages", environ)
+
+
+def active(policy: str) -> bool:
+  """This process was started with ``policy``'s tunables (they take effect only at start)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+  return all(t in tunables for t in TUNABLES[policy])
 
 
 def huge_pages_active() -> bool:
-  """This process was started with the tunable (it takes effect only at start)."""
-  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+  """This process was started with the huge-page tunable."""
+  return active("hugepages")
 
 
 def why_unsupported() -> str | None:
@@ -52,7 +79,7 @@ def why_unsupported() -> str | None:
     version.restype = ctypes.c_char_p
     major, minor = (int(p) for p in version().decode().split(".")[:2])
   except (OSError, AttributeError, ValueError):
-    return "the C library is not glibc"
+    return NOT_GLIBC
   if (major, minor) < (2, 35):
     return f"glibc {major}.{minor} has no glibc.malloc.hugetlb tunable (2.35+)"
   try:
@@ -65,18 +92,21 @@ def why_unsupported() -> str | None:
 
 
 def use_huge_pages() -> None:
-  """Re-executes this program with huge pages for large allocations, unless it already runs with
-  them or they cannot work here (see the module docstring). Call it before anything else runs:
-  the process image is replaced, with the same arguments and environment plus the tunable."""
-  if huge_pages_active() or why_unsupported() is not None:
-    return
-  argv = [sys.executable, *sys.orig_argv[1:]]
-  os.execve(sys.executable, argv, huge_pages_env(os.environ))
+  """``apply("hugepages")``."""
+  apply("hugepages")
 
 
 def apply(policy: str) -> None:
-  """``"hugepages"``: ``use_huge_pages()``; ``"release"``: glibc's defaults (nothing to do)."""
+  """Re-executes this program with ``policy``'s glibc tunables unless it already runs with them or
+  they cannot work here (see the module docstring). Call it before anything else runs: the process
+  image is replaced, with the same arguments and environment plus the tunables. ``"release"``
+  does nothing."""
   if policy not in POLICIES:
     raise ValueError(f"host memory policy {policy!r} is not one of {POLICIES}")
-  if policy == "hugepages":
-    use_huge_pages()
+  if policy == "release" or active(policy):
+    return
+  why = why_unsupported()
+  if why is not None and (policy == "hugepages" or why == NOT_GLIBC):
+    return
+  argv = [sys.executable, *sys.orig_argv[1:]]
+  os.execve(sys.executable, argv, policy_env(policy, os.environ))

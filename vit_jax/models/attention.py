@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.kernels import blas
 from vit_jax.models import recording
 from vit_jax.models.layers import Dense, dropout, xavier_uniform
 
@@ -90,12 +91,21 @@ class MultiHeadAttention(nnx.Module):
             jnp.swapaxes(q, -2, -3) * scale, jnp.swapaxes(k, -2, -3), mask))
       return self.out(jax.nn.dot_product_attention(q, k, v, mask=bias_mask,
                                                    implementation=self.implementation))
-    q = self._heads(self.query, x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-    k, v = self._heads(self.key, context), self._heads(self.value, value)
-    weights = attention_weights(q, k, mask)
+    scale = jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    # The CPU BLAS kernel reads and writes the projections' [B, T, H, Dh] layout directly.
+    use_blas = x.ndim == 3 and blas.applies(x, context, value)
+    if use_blas:
+      q, k, v = self.query(x) * scale, self.key(context), self.value(value)
+      weights = _softmax(blas.attention_logits(q, k), mask, q.dtype)
+    else:
+      q = self._heads(self.query, x) * scale
+      k, v = self._heads(self.key, context), self._heads(self.value, value)
+      weights = attention_weights(q, k, mask)
     if recorder is not None:
       weights = recorder.record(self.capture_name, weights)
     weights = dropout(weights, self.dropout_rate, train=train, rngs=rngs)
+    if use_blas:
+      return self.out(blas.attention_values(weights, v))
     y = jnp.einsum("...qk,...kd->...qd", weights, v)
     return self.out(jnp.swapaxes(y, -2, -3))
 
@@ -105,11 +115,14 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None)
 
   ``mask``: [B, Tk] bool for [B, H, T, Dh] inputs, False for keys to leave out.
   """
-  logits = jnp.einsum("...qd,...kd->...qk", q, k)
+  return _softmax(jnp.einsum("...qd,...kd->...qk", q, k), mask, q.dtype)
+
+
+def _softmax(logits: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
   if mask is None:
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
   logits = jnp.where(mask[..., None, None, :], logits.astype(jnp.float32), MASKED_LOGIT)
-  return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
 
 def attention_flops(q_tokens: int, kv_tokens: int, dim: int, heads: int, head_dim: int,
