@@ -23,7 +23,7 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: the con
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: in the workdir).")
 _DETECTIONS = flags.DEFINE_string("detections", None,
                                   "Detection: write the detections here in COCO results format.")
-command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices, --cpu_matmul
 flags.mark_flag_as_required("config")
 
 

@@ -30,7 +30,7 @@ import sys
 
 from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
 
-command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices, --cpu_matmul
 
 FORMATS = ("stablehlo", "savedmodel", "onnx", "timm")  # vit_jax.export.FORMATS, without importing JAX
 
@@ -94,6 +94,8 @@ def _batch(text: str) -> int | None:
 def run(argv: list[str]) -> list[str]:
   """export.py on ``argv``; returns the paths written."""
   args = parse_args(argv)
+  from vit_jax.kernels import blas  # pylint: disable=g-import-not-at-top  (after the set-up)
+  blas.select("xla")  # a serialized program cannot carry the CPU BLAS custom call (--cpu_matmul)
   if args.format not in FORMATS:
     raise ValueError(f"--format {args.format!r} is not one of {', '.join(FORMATS)}")
   batch = _batch(args.batch)

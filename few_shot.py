@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file the check
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is evaluated).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoint step directory, e.g. DIR/checkpoints/3000.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON (default: in the workdir).")
-command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices, --cpu_matmul
 flags.mark_flag_as_required("config")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from vit_jax import command_line  # imports no JAX: the process is set up in __main__ first
 from vit_jax.data.image_files import fit_to_canvas, load_image  # PIL and numpy only
 
-command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices (absl parses them)
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices, --cpu_matmul
 
 SIZE_OPTIONS = ("hidden_size", "num_layers", "num_heads", "mlp_dim")
 DETECTORS = ("YOLOS", "DETR")  # model families predict.py runs as detectors

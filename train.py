@@ -15,7 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the train step for the mesh without data and "
                              "print per-device memory, FLOPs and shardings; trains nothing.")
-command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices
+command_line.define_process_flags()  # --xla_preset, --host_memory, --fake_devices, --cpu_matmul
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "explicit", "none"],
                                  "Multi-process start: auto-detect Cloud TPU / SLURM, explicit flags, or none.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")

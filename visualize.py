@@ -22,7 +22,7 @@ and once, for ViTs with learned position embeddings, the ViT paper's Figure 7:
   figure7_filters.png, figure7_position_similarity.png, figure7_attention_distance.png (mean
   attention distance per head against depth, over the given images), figure7.npz;
 and summary.json (predictions, what was written). Takes train.py's process flags too
-(--xla_preset, --host_memory, --fake_devices).
+(--xla_preset, --host_memory, --fake_devices, --cpu_matmul).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from flax import nnx
 
 from vit_jax import models
 from vit_jax.kernels import blas
-from vit_jax.models import layers
+from vit_jax.models import attention, layers
 
 
 def close(a, b, tol=2e-5):
@@ -68,6 +68,15 @@ def other_dtypes():
   x = jnp.ones((4, 8), jnp.bfloat16)
   assert not blas.applies(x, x.T)
   assert "vit_gemm" not in jax.jit(layers.matmul_2d).lower(x, x.T).as_text()
+  # bfloat16 attention on float32 inputs: the projections are bfloat16, so XLA's products.
+  with nnx.use_eager_sharding(False):
+    attn = attention.MultiHeadAttention(16, 2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  y = attn(jnp.ones((2, 5, 16), jnp.float32))
+  assert y.dtype == jnp.bfloat16 and bool(jnp.isfinite(y.astype(jnp.float32)).all())
+  # Under vmap the custom call runs once per element.
+  xs = jnp.asarray(np.random.RandomState(2).randn(3, 6, 4).astype(np.float32))
+  w = jnp.asarray(np.random.RandomState(3).randn(4, 5).astype(np.float32))
+  close(jax.vmap(layers.matmul_2d, in_axes=(0, None))(xs, w), xs @ w)
 
 
 if __name__ == "__main__":

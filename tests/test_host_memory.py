@@ -53,6 +53,20 @@ def test_reexecutes_once_with_the_tunable(tmp_path):
     assert out == ["start ['a', '--b=1']", "tunables "]
 
 
+@pytest.mark.parametrize("policy,expected", [("hugepages", "glibc.malloc.hugetlb=1"), ("release", "")])
+def test_another_policys_inherited_tunables_are_replaced(tmp_path, policy, expected):
+  script = tmp_path / "probe.py"
+  script.write_text("import os, sys\n"
+                    "from vit_jax import host_memory\n"
+                    f"host_memory.apply({policy!r})\n"
+                    "print('tunables', os.environ.get('GLIBC_TUNABLES', ''))\n")
+  env = {**os.environ, "GLIBC_TUNABLES": ":".join(host_memory.TUNABLES["keep"])}
+  out = subprocess.run([sys.executable, "-u", str(script)], capture_output=True, text=True, env=env,
+                       check=True).stdout.split()
+  if host_memory.why_unsupported() is None:
+    assert out == ["tunables", expected] if expected else out == ["tunables"]
+
+
 def test_train_py_rejects_an_unknown_policy():
   proc = subprocess.run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", "/tmp/x",
                          "--host_memory", "retain"], capture_output=True, text=True, cwd=ROOT)

@@ -2,7 +2,7 @@
 
 Every script does the same three things, and imports no JAX at module level::
 
-  command_line.define_process_flags()          # at import: --xla_preset, --host_memory, --fake_devices
+  command_line.define_process_flags()          # at import: the process flags
 
   if __name__ == "__main__":
     command_line.prepare_process(sys.argv)     # host memory, fake devices, XLA flags; may re-execute

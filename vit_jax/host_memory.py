@@ -62,9 +62,10 @@ def huge_pages_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def active(policy: str) -> bool:
-  """This process was started with ``policy``'s tunables (they take effect only at start)."""
+  """This process was started with ``policy``'s tunables and no other policy's (they take effect
+  only at start)."""
   tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
-  return all(t in tunables for t in TUNABLES[policy])
+  return {t for t in tunables if t.split("=")[0] in _NAMES} == set(TUNABLES[policy])
 
 
 def huge_pages_active() -> bool:
@@ -99,14 +100,14 @@ def use_huge_pages() -> None:
 def apply(policy: str) -> None:
   """Re-executes this program with ``policy``'s glibc tunables unless it already runs with them or
   they cannot work here (see the module docstring). Call it before anything else runs: the process
-  image is replaced, with the same arguments and environment plus the tunables. ``"release"``
-  does nothing."""
+  image is replaced, with the same arguments and environment, the tunables of any other policy
+  (inherited from a parent) replaced by ``policy``'s: ``"release"`` only removes them."""
   if policy not in POLICIES:
     raise ValueError(f"host memory policy {policy!r} is not one of {POLICIES}")
-  if policy == "release" or active(policy):
+  if active(policy):
     return
   why = why_unsupported()
-  if why is not None and (policy == "hugepages" or why == NOT_GLIBC):
+  if why == NOT_GLIBC or (why is not None and policy == "hugepages"):
     return
   argv = [sys.executable, *sys.orig_argv[1:]]
   os.execve(sys.executable, argv, policy_env(policy, os.environ))

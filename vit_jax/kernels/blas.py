@@ -8,8 +8,11 @@ matrix products"). With ``select("mkl")`` (or ``"openblas"``) before the step is
 (``cpu_gemm.cc``) forward and backward, attention's straight from and into the projections'
 [batch, tokens, heads, head_dim] layout; ``select("xla")`` (the default) leaves them to XLA.
 
-The choice is per process: ``VIT_JAX_CPU_MATMUL`` sets it at import, the scripts' ``--cpu_matmul``
-sets that variable (``vit_jax.command_line``). It applies to float32 products on a single CPU
+The choice is per process: ``VIT_JAX_CPU_MATMUL`` sets it at import; the scripts set that variable
+from their ``--cpu_matmul`` flag (default xla, whatever the environment had; ``vit_jax.command_line``).
+MKL runs sequential in the process; numpy's OpenBLAS keeps one thread count per process, so with
+``openblas`` numpy's own products run single-threaded too. Exports trace with XLA's products
+(a serialized program cannot carry this custom call). It applies to float32 products on a single CPU
 device only: anything else (another dtype, another backend, several devices, whose operands XLA
 would gather onto every device) keeps XLA's products. The kernel is compiled once with the C++
 compiler (``$CXX`` or ``g++``) into ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_jax``).
@@ -36,8 +39,9 @@ from vit_jax.kernels import CPU_MATMUL_ENV as ENV
 
 TARGET = "vit_gemm"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_gemm.cc")
-# MKL_THREADING_SEQUENTIAL in mkl_service.h: one thread per call, the calling one.
+# mkl_service.h: MKL_THREADING_SEQUENTIAL (one thread per call, the calling one), MKL_INTERFACE_LP64.
 _MKL_SEQUENTIAL = 1
+_MKL_LP64 = 0
 
 _choice = "xla"
 _loaded: str | None = None  # the library registered with the custom call
@@ -112,7 +116,8 @@ def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
     shape = a_batch + (m, n)
   if _loaded is None:
     raise RuntimeError("no BLAS library is loaded: call vit_jax.kernels.blas.select('mkl') first")
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(
       a, b, trans_a=np.bool_(trans_a), trans_b=np.bool_(trans_b), heads_a=np.int64(heads_a),
       heads_b=np.int64(heads_b), heads_c=np.int64(heads_c))
 
@@ -188,12 +193,19 @@ def _load(choice: str) -> None:
   path = kernels.library_path(choice)
   if choice == "mkl":
     os.environ.setdefault("MKL_CBWR", "AUTO")  # the same results from run to run on one CPU
-    blas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    blas = ctypes.CDLL(path)
+    blas.MKL_Set_Interface_Layer(_MKL_LP64)  # cblas_sgemm with 32-bit integers
     blas.MKL_Set_Threading_Layer(_MKL_SEQUENTIAL)
     sgemm, ilp64, local_threads = blas.cblas_sgemm, 0, None
   else:
-    blas = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    sgemm, ilp64, local_threads = blas.scipy_cblas_sgemm64_, 1, blas.openblas_set_num_threads_local
+    blas = ctypes.CDLL(path)
+    sgemm, ilp64 = blas.scipy_cblas_sgemm64_, 1
+    # This OpenBLAS keeps one thread count for the whole process: numpy's products run
+    # single-threaded in a process that selects it.
+    local_threads = getattr(blas, "openblas_set_num_threads_local", None)
+    if local_threads is None:
+      raise ValueError(f"--cpu_matmul openblas: {path} has no openblas_set_num_threads_local "
+                       "(OpenBLAS 0.3.27 or later); use --cpu_matmul mkl or xla")
   kernel = ctypes.CDLL(_build())
   kernel.vit_gemm_set_blas(ctypes.cast(sgemm, ctypes.c_void_p), ilp64,
                            None if local_threads is None else ctypes.cast(local_threads, ctypes.c_void_p))

@@ -36,14 +36,12 @@ constexpr int64_t kMinBlock = 64;  // rows (or columns) per task at least
 void* g_sgemm = nullptr;
 bool g_ilp64 = false;
 SetThreads g_set_local_threads = nullptr;
-thread_local bool t_single_threaded = false;
 
 void Sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
            const float* b, int64_t ldb, float* c, int64_t ldc) {
-  if (g_set_local_threads != nullptr && !t_single_threaded) {
-    g_set_local_threads(1);
-    t_single_threaded = true;
-  }
+  // Checked on every call: some OpenBLAS builds keep one count for the whole process, which
+  // other code (numpy, threadpoolctl) may raise again.
+  if (g_set_local_threads != nullptr) g_set_local_threads(1);
   int op_a = ta ? kTrans : kNoTrans, op_b = tb ? kTrans : kNoTrans;
   if (g_ilp64) {
     reinterpret_cast<Sgemm64>(g_sgemm)(kRowMajor, op_a, op_b, m, n, k, 1.0f, a, lda, b, ldb, 0.0f,
@@ -160,7 +158,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a_buf, ffi::Buffer<f
 }  // namespace
 
 // Called once from Python (ctypes) with the library's sgemm: CBLAS argument order, 32-bit
-// integers unless ilp64; set_local_threads (may be null) makes the calling thread's BLAS serial.
+// integers unless ilp64; set_local_threads (may be null) is called with 1 before each product.
 extern "C" void vit_gemm_set_blas(void* sgemm, int ilp64, void* set_local_threads) {
   g_sgemm = sgemm;
   g_ilp64 = ilp64 != 0;

@@ -93,7 +93,7 @@ class MultiHeadAttention(nnx.Module):
                                                    implementation=self.implementation))
     scale = jnp.asarray(self.head_dim ** -0.5, self.dtype)
     # The CPU BLAS kernel reads and writes the projections' [B, T, H, Dh] layout directly.
-    use_blas = x.ndim == 3 and blas.applies(x, context, value)
+    use_blas = self.dtype == jnp.float32 and x.ndim == 3 and blas.applies(x, context, value)
     if use_blas:
       q, k, v = self.query(x) * scale, self.key(context), self.value(value)
       weights = _softmax(blas.attention_logits(q, k), mask, q.dtype)
