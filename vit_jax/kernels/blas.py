@@ -2,8 +2,8 @@
 
 On the CPU, XLA computes ``dot_general`` with Eigen's kernels. Where MKL is installed (the ``mkl``
 wheel) its single-threaded sgemm, run on XLA's intra-op threads, is faster at the shapes of a
-transformer's training step, weight gradients most of all (measured: docs/benchmarks.md, "CPU
-matrix products"). With ``select("mkl")`` (or ``"openblas"``) before the step is traced,
+transformer's training step, weight gradients most of all (measured: docs/benchmarks.md,
+"Closing the gap"). With ``select("mkl")`` (or ``"openblas"``) before the step is traced,
 ``Dense`` layers and attention's two products per head call the custom call ``vit_gemm``
 (``cpu_gemm.cc``) forward and backward, attention's straight from and into the projections'
 [batch, tokens, heads, head_dim] layout; ``select("xla")`` (the default) leaves them to XLA.
@@ -21,11 +21,9 @@ compiler (``$CXX`` or ``g++``) into ``$VIT_JAX_CACHE`` (default ``~/.cache/vit_j
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import subprocess
-import sys
 import tempfile
 import warnings
 
@@ -237,12 +235,6 @@ def _build() -> str:
   return target
 
 
-@functools.cache
-def _from_environment() -> None:
-  choice = os.environ.get(ENV, "xla")
-  if choice not in CHOICES:
-    raise ValueError(f"{ENV}={choice!r} is not one of {CHOICES}")
-  select(choice)
-
-
-_from_environment()
+if os.environ.get(ENV, "xla") not in CHOICES:
+  raise ValueError(f"{ENV}={os.environ[ENV]!r} is not one of {CHOICES}")
+select(os.environ.get(ENV, "xla"))
