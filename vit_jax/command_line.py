@@ -94,8 +94,8 @@ def prepare_process(argv: Sequence[str]) -> None:
   In order: the host memory policy (``hugepages`` and ``keep`` re-execute the program with glibc
   tunables, once; see vit_jax/host_memory.py), ``--fake_devices`` (``JAX_PLATFORMS=cpu`` and
   XLA's host device count), the XLA preset (``XLA_FLAGS``) and ``--cpu_matmul``
-  (``VIT_JAX_CPU_MATMUL``, read by vit_jax/kernels/blas.py). Also quiets TensorFlow's C++ logging. A bad value exits with status 2 and a one-line
-  message, before anything is applied.
+  (``VIT_JAX_CPU_MATMUL``, read by vit_jax/kernels/blas.py). Also quiets TensorFlow's C++
+  logging. A bad value exits with status 2 and a one-line message, before anything is applied.
   """
   global _applied
   if "jax" in sys.modules:
